@@ -1,0 +1,110 @@
+"""Typed configuration for the encoder: one object per concern, all JSON-serialisable.
+
+A checkpoint folder stores `ModelConfig` as JSON next to its safetensors, so a model can be
+rebuilt without the training script that made it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneConfig(_Strict):
+    """Which frozen feature extractor feeds a head.
+
+    kind: `efficientnet-lite0` (image, 7x7 grid = 49 tokens of 1280-d), `minilm` (text, 384-d
+    token states), `hf-vision` / `hf-text` (any transformers AutoModel folder on disk, given by
+    `path`), `tiny-image` / `tiny-text` (random, for fast tests).
+    """
+
+    kind: Literal["efficientnet-lite0", "minilm", "hf-vision", "hf-text", "tiny-image", "tiny-text"]
+    path: str | None = None
+    max_tokens: int = 32  # text: truncate longer captions (word pieces, specials excluded)
+    image_size: int = 224
+    dim: int | None = None  # filled in from the backbone when known; tiny backbones use it
+
+
+class HeadConfig(_Strict):
+    """One TGDT branch: token projection + transformer (token embeddings) + token-guided global."""
+
+    token_layers: int = 1
+    global_layers: int = 1
+    heads: int = 4
+    ffn_mult: int = 2
+    dropout: float = 0.1
+    input_dropout: float = 0.1
+    token_drop: float = 0.0  # training only: drop whole input tokens (caption/cell dropout)
+    global_mlp_hidden: int = 1024  # pooled-input MLP fused into the global embedding (0 = off)
+
+
+class ScoreConfig(_Strict):
+    """How global and local (MrSw) similarities are fused for re-ranking.
+
+    Raw local and global scores live on different scales, so each is standardised with the
+    mean/std measured on the validation set at the end of training, then mixed with `alpha`:
+    s = (1 - alpha) * z(global) + alpha * z(local).
+    """
+
+    alpha: float = 0.5
+    global_mean: float = 0.0
+    global_std: float = 1.0
+    local_mean: float = 0.0
+    local_std: float = 1.0
+    local_reduce: Literal["mean", "sum"] = "mean"
+
+
+class ModelConfig(_Strict):
+    image_backbone: BackboneConfig = Field(default_factory=lambda: BackboneConfig(kind="efficientnet-lite0"))
+    text_backbone: BackboneConfig = Field(default_factory=lambda: BackboneConfig(kind="minilm"))
+    embed_dim: int = 256
+    image_head: HeadConfig = Field(default_factory=HeadConfig)
+    text_head: HeadConfig = Field(default_factory=HeadConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    init_temperature: float = 0.07
+
+
+class LossConfig(_Strict):
+    """CMC loss: weight and form of each term (0 weight switches a term off)."""
+
+    form: Literal["infonce", "hinge"] = "infonce"
+    margin: float = 0.2
+    inter_weight: float = 1.0
+    local_weight: float = 1.0
+    intra_weight: float = 0.1
+    intra_margin: float = 0.3
+    intra_form: Literal["tgdt", "mse"] = "tgdt"
+
+
+class TrainConfig(_Strict):
+    data: str = "../shared/data/flickr8k"
+    pairs_file: str = "pairs.jsonl"
+    train_split: str = "train"
+    val_split: str = "val"
+    cache_dir: str = ".cache/features"
+    out: str = "runs/default"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05
+    grad_clip: float = 2.0
+    flip_prob: float = 0.5  # horizontal flip of the cached image grid
+    seed: int = 0
+    rerank_k: int = 100
+    eval_every: int = 1
+    max_train_images: int | None = None  # for smoke tests
+    max_val_images: int | None = None
+    num_threads: int | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        return cls.model_validate(json.loads(Path(path).read_text()))

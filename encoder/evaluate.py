@@ -1,0 +1,145 @@
+"""Evaluation in three modes -- global only, two-stage, exhaustive -- from embeddings.
+
+`evaluate_embeddings` is the single implementation: the trainer calls it on cached features
+each epoch, `encoder evaluate` on freshly encoded collections, and `--index` on the vectors an
+index stores (with that index's FAISS search as stage one).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .config import ScoreConfig
+from .data import Collection
+from .heads import Embeddings
+from .pipeline import Encoder
+from .protocol import ranks_full, ranks_two_stage, recall_table
+from .similarity import fuse, global_scores, mrsw_chunked, mrsw_paired
+from .transforms import ImageError, load_image
+
+MODES = ("global", "two_stage", "exhaustive")
+# stage one: (query globals, direction "t2i"/"i2t", K) -> (global scores [Q, G], candidates [Q, K])
+StageOne = Callable[[torch.Tensor, str, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def exact_stage_one(images: Embeddings, captions: Embeddings) -> StageOne:
+    def run(q: torch.Tensor, direction: str, k: int):
+        gallery = images.global_ if direction == "t2i" else captions.global_
+        s = global_scores(q, gallery)
+        return s, s.topk(min(k, s.shape[1]), dim=1).indices
+    return run
+
+
+def rerank_pairs(words: Embeddings, cells: Embeddings, word_idx: torch.Tensor, cell_idx: torch.Tensor,
+                 reduce: str, chunk: int = 4096) -> torch.Tensor:
+    """MrSw for arbitrary (caption, image) index pairs, chunked."""
+    out = torch.empty(word_idx.shape[0], device=words.tokens.device)
+    for s in range(0, word_idx.shape[0], chunk):
+        w, c = word_idx[s:s + chunk], cell_idx[s:s + chunk]
+        out[s:s + chunk] = mrsw_paired(words.tokens[w], words.mask[w], cells.tokens[c], cells.mask[c], reduce)
+    return out
+
+
+@torch.inference_mode()
+def evaluate_embeddings(images: Embeddings, captions: Embeddings, caption_image: torch.Tensor, score: ScoreConfig,
+                        k: int = 100, modes: Sequence[str] = MODES, stage_one: StageOne | None = None) -> dict:
+    """Metrics per mode, each with R@1/5/10 both ways, rsum, median ranks and `seconds`."""
+    stage_one = stage_one or exact_stage_one(images, captions)
+    N, M = images.global_.shape[0], captions.global_.shape[0]
+    dev = images.global_.device
+    gt_t2i = torch.zeros(M, N, dtype=torch.bool, device=dev)
+    gt_t2i[torch.arange(M, device=dev), caption_image.to(dev)] = True
+    gt_i2t = gt_t2i.T.contiguous()
+    results: dict[str, dict] = {}
+    if "global" in modes:
+        t0 = time.perf_counter()
+        s_t2i, _ = stage_one(captions.global_, "t2i", 1)
+        s_i2t, _ = stage_one(images.global_, "i2t", 1)
+        r = recall_table(ranks_full(s_i2t, gt_i2t), ranks_full(s_t2i, gt_t2i))
+        results["global"] = {**r, "seconds": round(time.perf_counter() - t0, 3)}
+    if "two_stage" in modes:
+        t0 = time.perf_counter()
+        ranks = {}
+        for direction, q, gt in (("t2i", captions.global_, gt_t2i), ("i2t", images.global_, gt_i2t)):
+            s, cand = stage_one(q, direction, k)
+            Q, K = cand.shape
+            qi = torch.arange(Q, device=dev)[:, None].expand(Q, K).reshape(-1)
+            ci = cand.reshape(-1)
+            wi, im = (qi, ci) if direction == "t2i" else (ci, qi)
+            loc = rerank_pairs(captions, images, wi, im, score.local_reduce).view(Q, K)
+            fused = fuse(torch.gather(s, 1, cand), loc, score)
+            ranks[direction] = ranks_two_stage(s, cand, fused, gt)
+        r = recall_table(ranks["i2t"], ranks["t2i"])
+        results["two_stage"] = {**r, "k": k, "seconds": round(time.perf_counter() - t0, 3)}
+    if "exhaustive" in modes:
+        t0 = time.perf_counter()
+        s = global_scores(captions.global_, images.global_)
+        loc = mrsw_chunked(captions.tokens, captions.mask, images.tokens, images.mask, score.local_reduce)
+        fused = fuse(s, loc, score)
+        r = recall_table(ranks_full(fused.T, gt_i2t), ranks_full(fused, gt_t2i))
+        results["exhaustive"] = {**r, "seconds": round(time.perf_counter() - t0, 3)}
+    return results
+
+
+# ---------------------------------------------------------------- encoding a collection
+class _Images(Dataset):
+    def __init__(self, col: Collection, encoder: Encoder):
+        self.paths, self.encoder = col.image_paths, encoder
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.encoder.preprocess(load_image(self.paths[i]))
+
+
+def stack_embeddings(parts: list[Embeddings], max_tokens: int | None = None) -> Embeddings:
+    """Concatenate batches whose token counts differ, padding to the longest."""
+    T = max_tokens or max(p.tokens.shape[1] for p in parts)
+    toks, masks = [], []
+    for p in parts:
+        pad = T - p.tokens.shape[1]
+        toks.append(torch.nn.functional.pad(p.tokens, (0, 0, 0, pad)))
+        masks.append(torch.nn.functional.pad(p.mask, (0, pad)))
+    return Embeddings(torch.cat([p.global_ for p in parts]), torch.cat(toks), torch.cat(masks))
+
+
+@torch.inference_mode()
+def encode_collection(encoder: Encoder, col: Collection, batch_size: int = 64, workers: int = 1,
+                      progress: bool = True) -> tuple[Embeddings, Embeddings]:
+    """Encode every image and caption of a collection (images must all be readable)."""
+    loader = DataLoader(_Images(col, encoder), batch_size=batch_size, num_workers=workers)
+    parts = []
+    try:
+        for pixels in tqdm(loader, desc="encode images", disable=not progress):
+            parts.append(encoder.encode_pixels(pixels))
+    except ImageError as e:  # raised inside a worker, re-raised here with its message
+        raise ImageError(str(e)) from None
+    images = stack_embeddings(parts)
+    order = sorted(range(len(col.captions)), key=lambda i: len(col.captions[i]))
+    cparts, idx = [], []
+    for s in tqdm(range(0, len(order), 256), desc="encode captions", disable=not progress):
+        ids = order[s:s + 256]
+        cparts.append(encoder.encode_texts([col.captions[i] for i in ids]))
+        idx.extend(ids)
+    captions = stack_embeddings(cparts)
+    inv = torch.empty(len(idx), dtype=torch.long)
+    inv[torch.tensor(idx)] = torch.arange(len(idx))
+    return images, captions[inv.to(captions.global_.device)]
+
+
+def markdown_table(results: dict) -> str:
+    head = "| mode | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum | i2t medr | t2i medr | seconds |"
+    lines = [head, "|" + "---|" * 11]
+    for mode, r in results.items():
+        if not isinstance(r, dict) or "rsum" not in r:
+            continue
+        label = f"{mode} (K={r['k']})" if "k" in r else mode
+        lines.append(f"| {label} | {r['i2t_r1']:.1f} | {r['i2t_r5']:.1f} | {r['i2t_r10']:.1f} | {r['t2i_r1']:.1f} | "
+                     f"{r['t2i_r5']:.1f} | {r['t2i_r10']:.1f} | **{r['rsum']:.1f}** | {r['i2t_medr']:.0f} | "
+                     f"{r['t2i_medr']:.0f} | {r['seconds']:.2f} |")
+    return "\n".join(lines)

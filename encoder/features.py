@@ -1,0 +1,101 @@
+"""Cache of frozen-backbone token features in HDF5, so heads train for many epochs on CPU.
+
+Backbones are frozen, so their outputs are computed once per collection; the cache is keyed
+by backbone config and resumable (a `done` counter is advanced after each flushed batch).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .backbones import ImageBackbone, TextBackbone
+from .config import BackboneConfig
+from .transforms import ImageError, load_image
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: list[Path], backbone: ImageBackbone):
+        self.paths, self.backbone = paths, backbone
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.backbone.preprocess(load_image(self.paths[i])), True
+        except ImageError:
+            size = getattr(self.backbone, "size", 224)
+            return torch.zeros(3, size, size), False
+
+
+def cache_name(kind: str, cfg: BackboneConfig, items: list[str]) -> str:
+    h = hashlib.sha1(json.dumps([cfg.model_dump(), items]).encode()).hexdigest()[:12]
+    return f"{kind}-{cfg.kind}-{h}.h5"
+
+
+@torch.no_grad()
+def cache_image_tokens(paths: list[Path], backbone: ImageBackbone, out: Path, batch_size: int = 32,
+                       workers: int = 1) -> Path:
+    """[N, T, D] fp16 token grids for every path (zeros and ok=False for unreadable files)."""
+    n = len(paths)
+    with h5py.File(out, "a") as f:
+        if "tokens" not in f:
+            T = backbone.grid[0] * backbone.grid[1]
+            f.create_dataset("tokens", (n, T, backbone.dim), dtype="f2", chunks=(1, T, backbone.dim))
+            f.create_dataset("ok", (n,), dtype=bool)
+            f.attrs["done"] = 0
+        start = int(f.attrs["done"])
+        if start >= n:
+            return out
+        loader = DataLoader(_ImageFiles(paths[start:], backbone), batch_size=batch_size,
+                            num_workers=workers, persistent_workers=False)
+        pos = start
+        for pixels, ok in tqdm(loader, desc="image features", initial=start // batch_size,
+                               total=(n + batch_size - 1) // batch_size, unit="batch"):
+            tb = backbone(pixels)
+            f["tokens"][pos:pos + len(pixels)] = tb.tokens.cpu().numpy().astype(np.float16)
+            f["ok"][pos:pos + len(pixels)] = ok.numpy()
+            pos += len(pixels)
+            f.attrs["done"] = pos
+            f.flush()
+    return out
+
+
+@torch.no_grad()
+def cache_text_tokens(texts: list[str], backbone: TextBackbone, out: Path, batch_size: int = 256) -> Path:
+    """[M, max_tokens, D] fp16 word states plus lengths; batches sorted by length for speed."""
+    m = len(texts)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    with h5py.File(out, "a") as f:
+        if "tokens" not in f:
+            f.create_dataset("tokens", (m, backbone.max_tokens, backbone.dim), dtype="f2",
+                             chunks=(1, backbone.max_tokens, backbone.dim))
+            f.create_dataset("lengths", (m,), dtype="i2")
+            f.attrs["done"] = 0
+        start = int(f.attrs["done"])
+        for b in tqdm(range(start, m, batch_size), desc="text features", unit="batch",
+                      initial=start // batch_size, total=(m + batch_size - 1) // batch_size):
+            idx = np.sort(order[b:b + batch_size])
+            tb = backbone([texts[i] for i in idx])
+            T = tb.tokens.shape[1]
+            block = np.zeros((len(idx), backbone.max_tokens, backbone.dim), dtype=np.float16)
+            block[:, :T] = tb.tokens.cpu().numpy()
+            f["tokens"][idx] = block
+            f["lengths"][idx] = tb.mask.sum(1).cpu().numpy()
+            f.attrs["done"] = b + len(idx)
+            f.flush()
+    return out
+
+
+def load_cached(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        if int(f.attrs.get("done", 0)) < f["tokens"].shape[0]:
+            raise RuntimeError(f"feature cache {path} is incomplete; re-run to resume")
+        return {k: f[k][()] for k in f.keys()}

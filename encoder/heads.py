@@ -1,0 +1,90 @@
+"""TGDT branch heads: frozen backbone tokens -> token embeddings + token-guided global embedding.
+
+Both modalities use the same module with separate weights (TGDT's homogeneous branches); only
+the position encoding differs (2-D cell grid for images, 1-D for text). The global embedding
+adds a pooled-input MLP to the token-guided slot: the MLP alone is a strong single-vector
+model on frozen features, and the transformer slot learns what the tokens add to it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import TokenBatch
+from .config import HeadConfig
+
+
+@dataclass
+class Embeddings:
+    global_: torch.Tensor  # [B, D], L2-normalised
+    tokens: torch.Tensor  # [B, T, D], L2-normalised (padding rows are zero)
+    mask: torch.Tensor  # [B, T] bool
+
+    def to(self, device) -> "Embeddings":
+        return Embeddings(self.global_.to(device), self.tokens.to(device), self.mask.to(device))
+
+    def __getitem__(self, idx) -> "Embeddings":
+        return Embeddings(self.global_[idx], self.tokens[idx], self.mask[idx])
+
+
+def _layer(dim: int, cfg: HeadConfig) -> nn.TransformerEncoderLayer:
+    return nn.TransformerEncoderLayer(dim, cfg.heads, dim * cfg.ffn_mult, cfg.dropout,
+                                      activation="gelu", batch_first=True, norm_first=True)
+
+
+class TGDTHead(nn.Module):
+    def __init__(self, in_dim: int, dim: int, cfg: HeadConfig, grid: tuple[int, int] | None, max_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.grid = grid
+        self.norm_in = nn.LayerNorm(in_dim)
+        self.drop_in = nn.Dropout(cfg.input_dropout)
+        self.proj = nn.Linear(in_dim, dim)
+        if grid is not None:
+            self.row = nn.Parameter(torch.zeros(grid[0], dim))
+            self.col = nn.Parameter(torch.zeros(grid[1], dim))
+        else:
+            self.pos = nn.Parameter(torch.zeros(max_len, dim))
+        self.token_layers = nn.ModuleList([_layer(dim, cfg) for _ in range(cfg.token_layers)])
+        self.token_out = nn.Linear(dim, dim)
+        self.global_slot = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.global_layers = nn.ModuleList([_layer(dim, cfg) for _ in range(cfg.global_layers)])
+        self.global_norm = nn.LayerNorm(dim)
+        self.global_out = nn.Linear(dim, dim)
+        if cfg.global_mlp_hidden:
+            self.mlp = nn.Sequential(
+                nn.LayerNorm(in_dim), nn.Dropout(0.3), nn.Linear(in_dim, cfg.global_mlp_hidden), nn.GELU(),
+                nn.Dropout(0.3), nn.Linear(cfg.global_mlp_hidden, dim),
+            )
+        else:
+            self.mlp = None
+
+    def positions(self, T: int) -> torch.Tensor:
+        if self.grid is not None:
+            pe = (self.row[:, None, :] + self.col[None, :, :]).reshape(-1, self.row.shape[-1])
+            return pe[:T]
+        return self.pos[:T]
+
+    def forward(self, tb: TokenBatch, flip: torch.Tensor | None = None) -> Embeddings:
+        x, mask = tb.tokens.float(), tb.mask
+        if self.training and self.cfg.token_drop > 0:
+            keep = torch.rand(mask.shape, device=mask.device) >= self.cfg.token_drop
+            keep[torch.arange(mask.shape[0]), mask.float().argmax(1)] = True  # never drop every token
+            mask = mask & keep
+        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        h = self.proj(self.drop_in(self.norm_in(x))) + self.positions(x.shape[1])
+        pad = ~mask
+        for layer in self.token_layers:
+            h = layer(h, src_key_padding_mask=pad)
+        tokens = F.normalize(self.token_out(h), dim=-1) * mask[..., None]
+        g = torch.cat([self.global_slot.expand(x.shape[0], -1, -1), h], dim=1)
+        gpad = torch.cat([torch.zeros_like(pad[:, :1]), pad], dim=1)
+        for layer in self.global_layers:
+            g = layer(g, src_key_padding_mask=gpad)
+        glob = self.global_out(self.global_norm(g[:, 0]))
+        if self.mlp is not None:
+            glob = glob + self.mlp(pooled)
+        return Embeddings(F.normalize(glob, dim=-1), tokens, mask)

@@ -1,0 +1,81 @@
+"""The trained part of the system: two TGDT heads, their temperatures, and checkpoint I/O.
+
+A checkpoint is a folder: `config.json` (ModelConfig, including which backbones it expects)
+and `model.safetensors` (heads only). Backbones come from their packages, never from the
+checkpoint, so a checkpoint is small enough to commit and safe to accept from a user.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .backbones import TokenBatch
+from .config import ModelConfig
+from .heads import Embeddings, TGDTHead
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default_model"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded, with the reason."""
+
+
+class TGDTModel(nn.Module):
+    def __init__(self, config: ModelConfig, image_dim: int, text_dim: int, image_grid: tuple[int, int]):
+        super().__init__()
+        self.config = config
+        self.image_dim, self.text_dim, self.image_grid = image_dim, text_dim, tuple(image_grid)
+        d = config.embed_dim
+        self.image_head = TGDTHead(image_dim, d, config.image_head, self.image_grid, image_grid[0] * image_grid[1])
+        self.text_head = TGDTHead(text_dim, d, config.text_head, None, config.text_backbone.max_tokens)
+        init = math.log(1.0 / config.init_temperature)
+        self.logit_scale = nn.Parameter(torch.tensor(init))
+        self.local_logit_scale = nn.Parameter(torch.tensor(init))
+
+    def encode_image_tokens(self, tb: TokenBatch) -> Embeddings:
+        return self.image_head(tb)
+
+    def encode_text_tokens(self, tb: TokenBatch) -> Embeddings:
+        return self.text_head(tb)
+
+    # ------------------------------------------------------------------ I/O
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"image_dim": self.image_dim, "text_dim": self.text_dim, "image_grid": list(self.image_grid)}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
+        doc = {"model": self.config.model_dump(), **meta}
+        (path / CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, map_location: str | torch.device = "cpu") -> "TGDTModel":
+        path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+        if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+            raise CheckpointError(f"{path} is not a checkpoint folder (needs {CONFIG} and {WEIGHTS})")
+        try:
+            doc = json.loads((path / CONFIG).read_text())
+            config = ModelConfig.model_validate(doc["model"])
+            model = cls(config, doc["image_dim"], doc["text_dim"], tuple(doc["image_grid"]))
+            model.load_state_dict(load_file(str(path / WEIGHTS), device=str(map_location)))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
+        return model.eval().to(map_location)
+
+
+def checkpoint_digest(path: str | Path | None = None) -> str:
+    """sha256 of the weights and config: the identity an index records."""
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    h = hashlib.sha256()
+    for name in (CONFIG, WEIGHTS):
+        h.update((path / name).read_bytes())
+    return h.hexdigest()

@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny random checkpoint (fast, no real backbones) and the real data root."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from encoder.config import BackboneConfig, HeadConfig, ModelConfig
+from encoder.model import TGDTModel
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FLICKR = SHARED / "data" / "flickr8k"
+
+
+def tiny_model_config(dim: int = 32) -> ModelConfig:
+    head = HeadConfig(token_layers=1, global_layers=1, heads=2, global_mlp_hidden=64)
+    return ModelConfig(
+        image_backbone=BackboneConfig(kind="tiny-image", dim=dim),
+        text_backbone=BackboneConfig(kind="tiny-text", dim=dim, max_tokens=16),
+        embed_dim=dim, image_head=head, text_head=head,
+    )
+
+
+def make_tiny_checkpoint(path: Path, dim: int = 32, seed: int = 0) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    model = TGDTModel(tiny_model_config(dim), image_dim=dim, text_dim=dim, image_grid=(4, 4))
+    return model.eval().save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def flickr8k() -> Path:
+    if not (FLICKR / "pairs.jsonl").is_file():
+        pytest.skip(f"real data not available: {FLICKR} is absent (../shared is not beside the checkout)")
+    return FLICKR
+
+
+@pytest.fixture()
+def tiny_collection(tmp_path) -> Path:
+    """A 6-image pairs.jsonl collection of generated JPEGs, 2 captions each."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "col"
+    (root / "images").mkdir(parents=True)
+    words = ["red", "blue", "green", "dog", "cat", "ball", "beach", "snow", "man", "child", "runs", "sits"]
+    with (root / "pairs.jsonl").open("w") as f:
+        for i in range(6):
+            arr = rng.integers(0, 255, size=(48 + 8 * i, 64, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / "images" / f"img{i}.jpg")
+            caps = [" ".join(rng.choice(words, size=5)) for _ in range(2)]
+            f.write(json.dumps({"image": f"images/img{i}.jpg", "captions": caps, "split": "test", "n": i}) + "\n")
+    return root
