@@ -42,8 +42,10 @@ def load_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
             img.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"not a readable image ({type(e).__name__})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"image too large: over the limit of {max_pixels} pixels (decompression bomb guard)") from None
+    except UnidentifiedImageError:
+        raise ImageError("not a readable image (unknown or unsupported format)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from None
     try:

@@ -1,0 +1,106 @@
+"""`encoder train` and `encoder evaluate`: thin argument parsing over train.py / evaluate.py."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import TrainConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.json"
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = TrainConfig.from_file(args.config)
+    updates = {k: v for k, v in (("out", args.out), ("epochs", args.epochs), ("data", args.data)) if v is not None}
+    cfg = cfg.model_copy(update=updates)
+    t0 = time.time()
+    ckpt = train(cfg)
+    print(f"checkpoint written to {ckpt} in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluate import encode_collection, evaluate_embeddings, markdown_table
+
+    t0 = time.time()
+    if args.index:
+        from indexer.evaluation import load_for_evaluation
+
+        images, captions, caption_image, stage_one, score = load_for_evaluation(args.index)
+        source = f"index {args.index}"
+    else:
+        from .data import load_pairs
+        from .pipeline import Encoder
+
+        if not args.data:
+            raise ValueError("--data DIR (a folder with images and pairs.jsonl) or --index DIR is required")
+        encoder = Encoder.from_pretrained(args.checkpoint, device=args.device)
+        col = load_pairs(args.data, args.pairs, split=args.split)
+        images, captions = encode_collection(encoder, col, workers=args.workers)
+        caption_image = torch.tensor(col.caption_image)
+        stage_one, score = None, encoder.score_config
+        source = f"{args.data} split={args.split or 'all'} checkpoint={args.checkpoint or 'default'}"
+    encode_s = time.time() - t0
+    if args.alpha is not None:
+        score = score.model_copy(update={"alpha": args.alpha})
+    res = evaluate_embeddings(images, captions, caption_image, score, k=args.k, modes=args.modes, stage_one=stage_one)
+    n_img, n_cap = images.global_.shape[0], captions.global_.shape[0]
+    print(f"{source}: {n_img} images x {n_cap} captions, encoding {encode_s:.1f} s")
+    print(markdown_table(res))
+    if args.json:
+        doc = {**res, "images": n_img, "captions": n_cap, "encode_seconds": round(encode_s, 2), "source": source}
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="encoder", description="Train and evaluate the TGDT image-text encoder.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="cache backbone features, train the heads, write a checkpoint folder")
+    t.add_argument("--config", default=str(DEFAULT_CONFIG), help="TrainConfig JSON (default: the default model's)")
+    t.add_argument("--out", help="run folder (overrides the config)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--data", help="collection folder (overrides the config)")
+    t.set_defaults(func=_train)
+    e = sub.add_parser("evaluate", help="R@K, rsum, median rank for global / two-stage / exhaustive search")
+    e.add_argument("--checkpoint", help="checkpoint folder (default: the committed default model)")
+    e.add_argument("--data", help="collection folder with images and a pairs JSONL")
+    e.add_argument("--pairs", default="pairs.jsonl", help="JSONL file name inside --data (or a path)")
+    e.add_argument("--split", help="only this split (e.g. test); omit for collections without splits")
+    e.add_argument("--index", help="evaluate through a built index instead of re-encoding")
+    e.add_argument("--k", type=int, default=100, help="re-rank depth K of two-stage search")
+    e.add_argument("--modes", nargs="+", default=["global", "two_stage", "exhaustive"],
+                   choices=["global", "two_stage", "exhaustive"])
+    e.add_argument("--alpha", type=float, help="override the checkpoint's local/global mixing weight")
+    e.add_argument("--json", help="also write the results as JSON keyed by mode")
+    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--workers", type=int, default=1, help="image decoding workers")
+    e.set_defaults(func=_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import CollectionError
+    from .model import CheckpointError
+    from .transforms import ImageError
+
+    try:
+        return args.func(args)
+    except (CollectionError, CheckpointError, ImageError, FileNotFoundError, ValueError) as e:
+        print(f"encoder {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"encoder {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

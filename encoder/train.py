@@ -1,0 +1,275 @@
+"""Training of the TGDT heads on cached frozen-backbone features (kept apart from the library).
+
+Flow: read the collection -> cache backbone tokens once (HDF5) -> train heads with the CMC loss
+-> evaluate on val each epoch (global + two-stage) -> keep the best epoch by two-stage val
+rsum -> calibrate the fused re-rank score on val -> write a checkpoint folder. A `state/`
+folder (safetensors + JSON, no pickle) makes a killed run resume where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .backbones import TokenBatch, build_image_backbone, build_text_backbone
+from .config import ScoreConfig, TrainConfig
+from .data import load_pairs
+from .evaluate import evaluate_embeddings, markdown_table, rerank_pairs
+from .features import cache_image_tokens, cache_name, cache_text_tokens, load_cached
+from .heads import Embeddings
+from .loss import cmc_loss
+from .model import TGDTModel
+from .protocol import ranks_two_stage, recall_table
+from .similarity import fuse, global_scores
+
+
+@dataclass
+class Features:
+    """All cached tokens of one collection, in memory as fp16."""
+
+    image_tokens: torch.Tensor  # [N, Ti, Di]
+    image_ok: torch.Tensor  # [N] bool
+    text_tokens: torch.Tensor  # [M, Tt, Dt]
+    text_lengths: torch.Tensor  # [M]
+    caption_image: torch.Tensor  # [M]
+    split: list[str]  # per image
+    grid: tuple[int, int]
+
+    def images(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> TokenBatch:
+        x = self.image_tokens[idx].float()
+        if flip is not None and bool(flip.any()):
+            g0, g1 = self.grid
+            xs = x.view(x.shape[0], g0, g1, -1)
+            x = torch.where(flip[:, None, None, None], xs.flip(2), xs).view_as(x)
+        return TokenBatch(x, torch.ones(x.shape[:2], dtype=torch.bool))
+
+    def texts(self, idx: torch.Tensor) -> TokenBatch:
+        lengths = self.text_lengths[idx]
+        T = int(lengths.max().clamp(min=1))
+        x = self.text_tokens[idx, :T].float()
+        mask = torch.arange(T)[None, :] < lengths[:, None]
+        return TokenBatch(x, mask)
+
+
+def prepare_features(cfg: TrainConfig) -> Features:
+    col = load_pairs(cfg.data, cfg.pairs_file)
+    cache = Path(cfg.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    ib_cfg, tb_cfg = cfg.model.image_backbone, cfg.model.text_backbone
+    ipath = cache / cache_name("image", ib_cfg, col.images)
+    tpath = cache / cache_name("text", tb_cfg, col.captions)
+    image_backbone = build_image_backbone(ib_cfg)
+    grid = image_backbone.grid
+    if not _complete(ipath):
+        cache_image_tokens(col.image_paths, image_backbone, ipath)
+    del image_backbone
+    if not _complete(tpath):
+        cache_text_tokens(col.captions, build_text_backbone(tb_cfg), tpath)
+    im, tx = load_cached(ipath), load_cached(tpath)
+    return Features(
+        image_tokens=torch.from_numpy(im["tokens"]), image_ok=torch.from_numpy(im["ok"]),
+        text_tokens=torch.from_numpy(tx["tokens"]), text_lengths=torch.from_numpy(tx["lengths"].astype(np.int64)),
+        caption_image=torch.tensor(col.caption_image), split=[m.get("split", "") for m in col.meta], grid=grid,
+    )
+
+
+def _complete(path: Path) -> bool:
+    import h5py
+
+    if not path.is_file():
+        return False
+    with h5py.File(path, "r") as f:
+        return "tokens" in f and int(f.attrs.get("done", 0)) >= f["tokens"].shape[0]
+
+
+def split_items(feats: Features, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image ids of a split, their caption ids, and caption->local image position."""
+    imgs = [i for i, s in enumerate(feats.split) if s == split and bool(feats.image_ok[i])]
+    if limit:
+        imgs = imgs[:limit]
+    pos = torch.full((len(feats.split),), -1, dtype=torch.long)
+    pos[torch.tensor(imgs)] = torch.arange(len(imgs))
+    caps = torch.nonzero(pos[feats.caption_image] >= 0).squeeze(1)
+    return torch.tensor(imgs), caps, pos[feats.caption_image[caps]]
+
+
+def epoch_batches(images: torch.Tensor, caps_of: list[torch.Tensor], batch_size: int, gen: torch.Generator):
+    """One epoch = every caption once; each batch holds an image at most once (true negatives)."""
+    rounds = max(len(c) for c in caps_of)
+    order = [c[torch.randperm(len(c), generator=gen)] for c in caps_of]
+    for r in range(rounds):
+        perm = torch.randperm(len(images), generator=gen)
+        perm = torch.tensor([p for p in perm.tolist() if len(order[p]) > r], dtype=torch.long)
+        for s in range(0, len(perm) - batch_size + 1, batch_size):
+            sel = perm[s:s + batch_size]
+            yield images[sel], torch.stack([order[p][r] for p in sel.tolist()])
+
+
+@torch.no_grad()
+def embed_split(model: TGDTModel, feats: Features, imgs: torch.Tensor, caps: torch.Tensor,
+                batch: int = 256) -> tuple[Embeddings, Embeddings]:
+    model.eval()
+    ims = [model.encode_image_tokens(feats.images(imgs[s:s + batch])) for s in range(0, len(imgs), batch)]
+    T = int(feats.text_lengths[caps].max())
+    txs = []
+    for s in range(0, len(caps), batch):
+        e = model.encode_text_tokens(feats.texts(caps[s:s + batch]))
+        pad = T - e.tokens.shape[1]
+        txs.append(Embeddings(e.global_, torch.nn.functional.pad(e.tokens, (0, 0, 0, pad)),
+                              torch.nn.functional.pad(e.mask, (0, pad))))
+    cat = lambda es: Embeddings(*(torch.cat([getattr(e, f) for e in es]) for f in ("global_", "tokens", "mask")))
+    return cat(ims), cat(txs)
+
+
+@torch.no_grad()
+def calibrate_score(images: Embeddings, captions: Embeddings, caption_image: torch.Tensor, k: int,
+                    reduce: str, alphas=tuple(np.round(np.linspace(0, 1, 21), 2))) -> tuple[ScoreConfig, dict]:
+    """Standardise global and local scores on the stage-one candidates, pick alpha by val rsum."""
+    N, M = images.global_.shape[0], captions.global_.shape[0]
+    gt = torch.zeros(M, N, dtype=torch.bool)
+    gt[torch.arange(M), caption_image] = True
+    parts = {}
+    for direction, q, g, gtm in (("t2i", captions.global_, images.global_, gt), ("i2t", images.global_, captions.global_, gt.T)):
+        s = global_scores(q, g)
+        cand = s.topk(min(k, s.shape[1]), dim=1).indices
+        Q, K = cand.shape
+        qi = torch.arange(Q)[:, None].expand(Q, K).reshape(-1)
+        wi, im = (qi, cand.reshape(-1)) if direction == "t2i" else (cand.reshape(-1), qi)
+        loc = rerank_pairs(captions, images, wi, im, reduce).view(Q, K)
+        parts[direction] = (s, cand, torch.gather(s, 1, cand), loc, gtm)
+    gs = torch.cat([p[2].reshape(-1) for p in parts.values()])
+    ls = torch.cat([p[3].reshape(-1) for p in parts.values()])
+    base = dict(global_mean=float(gs.mean()), global_std=float(gs.std()) or 1.0,
+                local_mean=float(ls.mean()), local_std=float(ls.std()) or 1.0, local_reduce=reduce)
+    best, table = None, {}
+    for a in alphas:
+        sc = ScoreConfig(alpha=float(a), **base)
+        r = {d: ranks_two_stage(p[0], p[1], fuse(p[2], p[3], sc), p[4]) for d, p in parts.items()}
+        rsum = recall_table(r["i2t"], r["t2i"])["rsum"]
+        table[float(a)] = rsum
+        if best is None or rsum > best[1]:
+            best = (sc, rsum)
+    return best[0], table
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.warmup_frac * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _save_state(state_dir: Path, model: TGDTModel, opt: torch.optim.Optimizer, meta: dict) -> None:
+    """Resume point: weights + flattened AdamW moments in safetensors, counters in JSON."""
+    tmp = state_dir.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    flat = {}
+    for i, p in enumerate(model.parameters()):
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in st:
+                flat[f"{i}.{key}"] = torch.as_tensor(st[key]).detach().contiguous()
+    save_file(flat, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    if state_dir.exists():
+        for f in state_dir.iterdir():
+            f.unlink()
+        state_dir.rmdir()
+    tmp.rename(state_dir)
+
+
+def _load_state(state_dir: Path, model: TGDTModel, opt: torch.optim.Optimizer) -> dict:
+    model.load_state_dict(load_file(str(state_dir / "model.safetensors")))
+    flat = load_file(str(state_dir / "optimizer.safetensors"))
+    for i, p in enumerate(model.parameters()):
+        if f"{i}.exp_avg" in flat:
+            opt.state[p] = {k: flat[f"{i}.{k}"] for k in ("exp_avg", "exp_avg_sq", "step")}
+    return json.loads((state_dir / "state.json").read_text())
+
+
+def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True) -> Path:
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+    feats = feats or prepare_features(cfg)
+    tr_imgs, tr_caps, tr_pos = split_items(feats, cfg.train_split, cfg.max_train_images)
+    va_imgs, va_caps, va_pos = split_items(feats, cfg.val_split, cfg.max_val_images)
+    if len(tr_imgs) < 2 or len(va_imgs) < 1:
+        raise ValueError(f"need train and val images; got {len(tr_imgs)} train, {len(va_imgs)} val")
+    caps_of = [[] for _ in range(len(tr_imgs))]
+    for c, p in zip(tr_caps.tolist(), tr_pos.tolist()):
+        caps_of[p].append(c)
+    caps_of = [torch.tensor(c, dtype=torch.long) for c in caps_of]
+    keep = [i for i, c in enumerate(caps_of) if len(c)]
+    tr_imgs, caps_of = tr_imgs[keep], [caps_of[i] for i in keep]
+    bs = min(cfg.batch_size, len(tr_imgs))
+
+    torch.manual_seed(cfg.seed)
+    Ti, Di = feats.image_tokens.shape[1:]
+    model = TGDTModel(cfg.model, image_dim=Di, text_dim=feats.text_tokens.shape[2], image_grid=feats.grid)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n and "row" not in n and "col" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n and "row" not in n and "col" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = sum(1 for _ in epoch_batches(tr_imgs, caps_of, bs, torch.Generator().manual_seed(0)))
+    total = steps_per_epoch * cfg.epochs
+    state_dir = out / "state"
+    meta = {"epoch": 0, "best_rsum": -1.0, "history": []}
+    if (state_dir / "state.json").is_file():
+        meta = _load_state(state_dir, model, opt)
+        print(f"resuming after epoch {meta['epoch']}")
+    started = time.time() - meta.get("seconds", 0.0)
+    for epoch in range(meta["epoch"], cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        bar = tqdm(epoch_batches(tr_imgs, caps_of, bs, gen), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, unit="step")
+        step = epoch * steps_per_epoch
+        for img_idx, cap_idx in bar:
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, total, cfg)
+            flip = torch.rand(len(img_idx), generator=gen) < cfg.flip_prob
+            img = model.encode_image_tokens(feats.images(img_idx, flip))
+            txt = model.encode_text_tokens(feats.texts(cap_idx))
+            losses = cmc_loss(img, txt, cfg.loss, model.logit_scale, model.local_logit_scale,
+                              cfg.model.score.local_reduce)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
+        ims, txs = embed_split(model, feats, va_imgs, va_caps)
+        score, _ = calibrate_score(ims, txs, va_pos, cfg.rerank_k, cfg.model.score.local_reduce, alphas=(0.0, 0.3, 0.5, 0.7))
+        res = evaluate_embeddings(ims, txs, va_pos, score, k=cfg.rerank_k, modes=("global", "two_stage"))
+        rsum = res["two_stage"]["rsum"]
+        meta["history"].append({"epoch": epoch + 1, "global": res["global"]["rsum"], "two_stage": rsum,
+                                "alpha": score.alpha, "seconds": round(time.time() - started, 1)})
+        print(f"epoch {epoch + 1}: val rsum global {res['global']['rsum']:.1f} two-stage {rsum:.1f} (alpha {score.alpha})",
+              flush=True)
+        if rsum > meta["best_rsum"]:
+            meta["best_rsum"], meta["best_epoch"] = rsum, epoch + 1
+            model.save_pretrained(out / "best")
+        meta["epoch"], meta["seconds"] = epoch + 1, time.time() - started
+        _save_state(state_dir, model, opt, meta)
+    # final: best epoch, fused score calibrated on val with a finer alpha grid
+    best = TGDTModel.from_pretrained(out / "best")
+    ims, txs = embed_split(best, feats, va_imgs, va_caps)
+    score, table = calibrate_score(ims, txs, va_pos, cfg.rerank_k, cfg.model.score.local_reduce)
+    best.config = best.config.model_copy(update={"score": score})
+    ckpt = best.save_pretrained(out / "checkpoint")
+    res = evaluate_embeddings(ims, txs, va_pos, score, k=cfg.rerank_k, modes=("global", "two_stage"))
+    meta.update(alpha_table=table, val=res, train_seconds=round(time.time() - started, 1))
+    (out / "train_log.json").write_text(json.dumps(meta, indent=2))
+    print(markdown_table(res))
+    return ckpt
