@@ -1,0 +1,217 @@
+"""The serving engine: one loaded Searcher behind an atomically swappable handle.
+
+Why a handle: a request reads `engine.handle` once and uses that object for everything it
+does, so a hot swap (admin call or SIGHUP) that replaces the reference mid-flight can neither
+fail nor mix two indexes in one answer; the old Searcher is freed when its last request ends.
+The new index is loaded and warmed on a separate thread *before* the swap, so the first
+request after it pays no lazy-initialisation cost.
+
+Why an executor: encoding and FAISS are blocking CPU/GPU calls; running them on the event
+loop would serialise every concurrent request. A bounded pool keeps them off the loop and
+caps how many run at once (on 2 cores more threads only add contention).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from .autodepth import AutoDepth
+from .metrics import Metrics
+from .settings import ServiceSettings
+
+log = logging.getLogger("service.engine")
+T = TypeVar("T")
+Loader = Callable[[Path], Any]
+
+
+class NotReady(RuntimeError):
+    """No index is loaded (yet, or its load failed)."""
+
+
+class IndexLoadError(RuntimeError):
+    """A new index could not be loaded; the one being served (if any) stays."""
+
+
+@dataclass(frozen=True)
+class IndexHandle:
+    searcher: Any
+    generation: int
+    index_dir: Path
+    load_seconds: float
+    grid: tuple[int, int] | None
+
+    @property
+    def metadata_fields(self) -> set[str]:
+        return set(getattr(self.searcher, "metadata_fields", set()) or set())
+
+
+def default_loader(settings: ServiceSettings) -> Loader:
+    """Build a Searcher the way the CLI and evaluation do (imported lazily: heavy modules)."""
+
+    def load(index_dir: Path) -> Any:
+        from indexer.searcher import Searcher
+
+        encoder = None
+        if settings.checkpoint is not None:
+            from encoder.pipeline import Encoder
+
+            encoder = Encoder.from_pretrained(settings.checkpoint, device=settings.device)
+        return Searcher(index_dir, encoder=encoder, device=settings.device)
+
+    return load
+
+
+def grid_of(searcher: Any) -> tuple[int, int] | None:
+    try:
+        g = searcher.encoder.image_backbone.grid
+        return int(g[0]), int(g[1])
+    except Exception:  # a searcher without an image backbone (fake, remote) has no grid
+        return None
+
+
+def warm_up(searcher: Any) -> None:
+    """One tiny query through every stage, so lazy initialisation happens before the swap."""
+    searcher.search_text("warm up", k=1, candidates=min(10, _n_images(searcher) or 10), mode="rerank")
+
+
+def _n_images(searcher: Any) -> int | None:
+    info = getattr(searcher, "info", None) or {}
+    for key in ("images", "n_images", "num_images"):
+        v = info.get(key) if isinstance(info, dict) else None
+        if isinstance(v, int):
+            return v
+        if isinstance(v, dict) and isinstance(v.get("count"), int):
+            return v["count"]
+    counts = info.get("counts") if isinstance(info, dict) else None
+    if isinstance(counts, dict) and isinstance(counts.get("images"), int):
+        return counts["images"]
+    return None
+
+
+class Engine:
+    def __init__(self, settings: ServiceSettings, loader: Loader | None = None, metrics: Metrics | None = None):
+        self.settings = settings
+        self.loader = loader or default_loader(settings)
+        self.metrics = metrics or Metrics()
+        self.executor = ThreadPoolExecutor(settings.search_threads, thread_name_prefix="search")
+        self._load_executor = ThreadPoolExecutor(1, thread_name_prefix="index-load")
+        self._handle: IndexHandle | None = None
+        self._generation = 0
+        self._swap_lock: asyncio.Lock | None = None
+        self.load_error: str | None = None
+        self.loading = False
+        self.auto = AutoDepth(settings.rerank_budget_ms / 1000.0, settings.auto_min_candidates,
+                              settings.max_candidates, default_k=settings.default_candidates)
+        _set_threads(settings)
+
+    # --- the handle -------------------------------------------------------------------------
+    @property
+    def handle(self) -> IndexHandle:
+        h = self._handle
+        if h is None:
+            if self.loading:
+                raise NotReady("the index is still loading")
+            raise NotReady(f"no index loaded: {self.load_error}" if self.load_error else "no index loaded")
+        return h
+
+    @property
+    def ready(self) -> bool:
+        return self._handle is not None
+
+    def install(self, searcher: Any, index_dir: Path, load_seconds: float = 0.0) -> IndexHandle:
+        """Make `searcher` the one being served (a single reference assignment: atomic)."""
+        self._generation += 1
+        handle = IndexHandle(searcher, self._generation, Path(index_dir), load_seconds, grid_of(searcher))
+        cost = _initial_cost(searcher)
+        if cost is not None and self.auto.per_candidate_s is None:
+            self.auto.observe(1, cost)
+        self._handle = handle
+        self.load_error = None
+        self.metrics.generation.set(handle.generation)
+        n = _n_images(searcher)
+        if n is not None:
+            self.metrics.items.set(n)
+        log.info("serving index %s (generation %d, loaded in %.2fs)", index_dir, handle.generation, load_seconds)
+        return handle
+
+    async def load(self, index_dir: Path | str | None = None) -> IndexHandle:
+        """Load (and warm) an index off the loop, then swap it in. Loads are serialised."""
+        target = Path(index_dir) if index_dir is not None else self.settings.index_dir
+        if target is None:
+            raise IndexLoadError("no index directory configured (--index / SERVICE_INDEX_DIR)")
+        if self._swap_lock is None:
+            self._swap_lock = asyncio.Lock()
+        async with self._swap_lock:
+            self.loading = True
+            t0 = time.perf_counter()
+            try:
+                searcher = await asyncio.get_running_loop().run_in_executor(
+                    self._load_executor, functools.partial(self._load_and_warm, target))
+            except Exception as e:
+                reason = _one_line(e)
+                if self._handle is None:
+                    self.load_error = reason
+                self.metrics.swaps.labels("failed").inc()
+                log.error("index load failed for %s: %s", target, reason)
+                raise IndexLoadError(f"cannot load index {target}: {reason}") from None
+            finally:
+                self.loading = False
+            self.metrics.swaps.labels("ok").inc()
+            return self.install(searcher, target, time.perf_counter() - t0)
+
+    def _load_and_warm(self, index_dir: Path) -> Any:
+        if not Path(index_dir).is_dir():
+            raise FileNotFoundError(f"not a directory: {index_dir}")
+        searcher = self.loader(Path(index_dir).resolve())
+        warm_up(searcher)
+        return searcher
+
+    # --- running blocking work off the loop ---------------------------------------------------
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._load_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _initial_cost(searcher: Any) -> float | None:
+    fn = getattr(searcher, "rerank_cost", None)
+    if not callable(fn):
+        return None
+    try:
+        v = fn()
+    except Exception:
+        return None
+    if isinstance(v, (int, float)) and v > 0:
+        return float(v)
+    if isinstance(v, dict):
+        for key in ("per_candidate_s", "per_candidate", "seconds_per_candidate"):
+            if isinstance(v.get(key), (int, float)) and v[key] > 0:
+                return float(v[key])
+    return None
+
+
+def _set_threads(settings: ServiceSettings) -> None:
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    if settings.faiss_threads:
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(settings.faiss_threads)
+        except ImportError:
+            pass
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__

@@ -1,0 +1,121 @@
+"""Request and response bodies of the HTTP API (they are also the OpenAPI schema).
+
+The static bounds here are the hard ceilings; `ServiceSettings` may tighten them at run time
+(checked in the routes, answered with the same 422 shape).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .settings import HARD_MAX_CANDIDATES, HARD_MAX_K, HARD_MAX_QUERY_CHARS
+
+FilterValue = str | int | float | bool
+Candidates = Annotated[int, Field(ge=1, le=HARD_MAX_CANDIDATES)] | Literal["auto"]
+
+
+class SearchOptions(BaseModel):
+    """Options shared by text and image search."""
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(10, ge=1, le=HARD_MAX_K, description="number of results")
+    candidates: Candidates | None = Field(
+        None, description="re-rank depth K (default from settings), or 'auto' to fit the latency budget")
+    mode: Literal["rerank", "global"] = Field("rerank", description="'global' skips the token re-rank")
+    filters: dict[str, FilterValue | list[FilterValue]] | None = Field(
+        None, description="metadata equality filters; a list means any of its values")
+
+
+class TextSearchRequest(SearchOptions):
+    query: str = Field(..., min_length=1, max_length=HARD_MAX_QUERY_CHARS, description="free text")
+    explain: bool = Field(False, description="return the word -> image cell grounding of every hit")
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("query is empty (only whitespace)")
+        if "\x00" in v:
+            raise ValueError("query contains a NUL character")
+        return v.strip()
+
+
+class ImageSearchRequest(SearchOptions):
+    """JSON form of the image search: the image as base64 (a data: URL prefix is accepted)."""
+    image_b64: str = Field(..., min_length=1, description="base64-encoded image file (JPEG, PNG, ...)")
+    target: Literal["captions", "images"] = Field("captions", description="rank captions, or similar images")
+
+
+class WordCell(BaseModel):
+    word: str
+    cell: int
+    row: int
+    col: int
+    score: float
+
+
+class HitOut(BaseModel):
+    id: int
+    kind: str = Field(..., description="'image' or 'caption'")
+    score: float = Field(..., description="final score (fused in rerank mode, global in global mode)")
+    global_score: float
+    local_score: float | None = None
+    image_id: int | None = Field(None, description="image this hit shows (the caption's image for captions)")
+    image_url: str | None = None
+    caption: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    alignment: list[WordCell] | None = Field(None, description="explain: best image cell per query word")
+
+
+class Timings(BaseModel):
+    """Milliseconds per stage, as measured by the search engine, plus the whole request."""
+    encode: float = 0.0
+    faiss: float = 0.0
+    rerank: float = 0.0
+    total: float = 0.0
+    request: float = 0.0
+
+
+class IndexRef(BaseModel):
+    generation: int = Field(..., description="increments on every hot swap; one request sees one generation")
+    index_dir: str
+
+
+class SearchResponse(BaseModel):
+    hits: list[HitOut]
+    mode: str
+    k: int
+    candidates: int = Field(..., description="re-rank depth actually used")
+    candidates_auto: bool = Field(False, description="true when the depth was picked for the latency budget")
+    timings_ms: Timings
+    grid: tuple[int, int] | None = Field(None, description="image token grid (rows, cols) for the alignment")
+    index: IndexRef
+
+
+class ErrorBody(BaseModel):
+    status: int
+    message: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index_dir: str | None = Field(None, max_length=4096, description="new index directory; default: reload the "
+                                  "configured one (e.g. a symlink that now points at a new version)")
+
+
+class ReloadResponse(BaseModel):
+    index: IndexRef
+    load_seconds: float
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    message: str
+    index: IndexRef | None = None
+    info: dict[str, Any] | None = None

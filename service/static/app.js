@@ -1,0 +1,235 @@
+// The search page: text search with word grounding (heat map over the image grid), image drop.
+// Plain JS, no build step: the page ships inside the Python package and must work offline.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { key: localStorage.getItem("apiKey") || "", grid: null };
+
+function headers(json) {
+  const h = {};
+  if (json) h["Content-Type"] = "application/json";
+  if (state.key) h["X-API-Key"] = state.key;
+  return h;
+}
+
+function imageUrl(url) {
+  if (!url) return "";
+  return state.key ? url + "?api_key=" + encodeURIComponent(state.key) : url;
+}
+
+function setStatus(text, isError) {
+  const s = $("status");
+  s.textContent = text;
+  s.classList.toggle("error", !!isError);
+}
+
+async function call(path, init) {
+  const res = await fetch(path, init);
+  let body = null;
+  try { body = await res.json(); } catch (e) { body = { message: res.statusText }; }
+  if (res.status === 401) {
+    $("key-label").hidden = false;
+    $("api-key").focus();
+  }
+  if (!res.ok) throw new Error((body && body.message) || ("HTTP " + res.status));
+  return body;
+}
+
+function options() {
+  const c = $("candidates").value;
+  return { k: parseInt($("k").value, 10), mode: $("mode").value, candidates: c === "auto" ? "auto" : parseInt(c, 10) };
+}
+
+function timingText(r) {
+  const t = r.timings_ms || {};
+  const parts = [`${r.hits.length} results`, `encode ${fmt(t.encode)} ms`, `FAISS ${fmt(t.faiss)} ms`];
+  if (r.mode === "rerank") parts.push(`re-rank ${fmt(t.rerank)} ms (K=${r.candidates}${r.candidates_auto ? ", auto" : ""})`);
+  parts.push(`server ${fmt(t.request)} ms`);
+  return parts.join(" · ");
+}
+
+const fmt = (x) => (x === undefined || x === null ? "–" : Number(x).toFixed(1));
+
+// --- heat map ---------------------------------------------------------------------------------------
+function heatColour(v) {           // v in [0, 1]
+  return `rgba(255, ${Math.round(140 - 110 * v)}, 0, ${(0.10 + 0.55 * v).toFixed(3)})`;
+}
+
+function buildHeat(card, hit, grid) {
+  const heat = card.querySelector(".heat");
+  heat.innerHTML = "";
+  if (!hit.alignment || !grid) return;
+  const [rows, cols] = grid;
+  heat.style.gridTemplateRows = `repeat(${rows}, 1fr)`;
+  heat.style.gridTemplateColumns = `repeat(${cols}, 1fr)`;
+  const cells = [];
+  for (let i = 0; i < rows * cols; i++) {
+    const d = document.createElement("div");
+    d.className = "cell";
+    d.dataset.cell = String(i);
+    heat.appendChild(d);
+    cells.push(d);
+  }
+  card._cells = cells;
+  card._alignment = hit.alignment.filter((a) => a.cell >= 0 && a.cell < rows * cols);
+  paintAll(card);
+}
+
+function paintAll(card) {
+  // every word at its best cell; a cell's heat is the best score any word gives it
+  const cells = card._cells || [];
+  const al = card._alignment || [];
+  const best = new Map();
+  const words = new Map();
+  for (const a of al) {
+    best.set(a.cell, Math.max(best.has(a.cell) ? best.get(a.cell) : -Infinity, a.score));
+    words.set(a.cell, (words.get(a.cell) || []).concat(a.word));
+  }
+  const scores = [...best.values()];
+  const lo = Math.min(...scores, 0), hi = Math.max(...scores, 1e-6);
+  cells.forEach((d, i) => {
+    if (best.has(i)) {
+      const v = hi > lo ? (best.get(i) - lo) / (hi - lo) : 1;
+      d.style.background = heatColour(0.35 + 0.65 * v);
+      d.textContent = words.get(i).join(" ");
+      d.dataset.active = "1";
+    } else {
+      d.style.background = "rgba(0,0,0,0.28)";
+      d.textContent = "";
+      d.dataset.active = "0";
+    }
+  });
+  card.classList.remove("word-focus");
+  card.querySelectorAll(".word").forEach((w) => w.classList.remove("active"));
+}
+
+function paintWord(card, idx) {
+  const a = card._alignment[idx];
+  (card._cells || []).forEach((d, i) => {
+    const on = i === a.cell;
+    d.style.background = on ? heatColour(1) : "rgba(0,0,0,0.45)";
+    d.textContent = on ? a.word : "";
+    d.dataset.active = on ? "1" : "0";
+  });
+  card.querySelector(".cell-label").textContent = `“${a.word}” → row ${a.row + 1}, col ${a.col + 1} · ${a.score.toFixed(3)}`;
+  card.classList.add("word-focus");
+  card.querySelectorAll(".word").forEach((w, i) => w.classList.toggle("active", i === idx));
+}
+
+// --- results ----------------------------------------------------------------------------------------
+function render(r) {
+  state.grid = r.grid;
+  const box = $("results");
+  box.innerHTML = "";
+  if (!r.hits.length) {
+    box.innerHTML = '<div class="empty">No results.</div>';
+    return;
+  }
+  const tpl = $("card-tpl");
+  r.hits.forEach((hit, rank) => {
+    const card = tpl.content.firstElementChild.cloneNode(true);
+    card.dataset.id = String(hit.id);
+    card.dataset.rank = String(rank + 1);
+    const img = card.querySelector("img");
+    img.src = imageUrl(hit.image_url);
+    img.alt = hit.caption || `image ${hit.image_id}`;
+    card.querySelector(".caption").textContent = hit.caption || `#${rank + 1} · image ${hit.image_id}`;
+    const local = hit.local_score === null || hit.local_score === undefined ? "" :
+      ` · local ${hit.local_score.toFixed(3)}`;
+    card.querySelector(".scores").innerHTML =
+      `<b>score ${hit.score.toFixed(3)}</b> · global ${hit.global_score.toFixed(3)}${local}`;
+    const words = card.querySelector(".words");
+    if (hit.alignment) {
+      hit.alignment.forEach((a, i) => {
+        const w = document.createElement("span");
+        w.className = "word";
+        w.textContent = a.word;
+        w.title = `best cell row ${a.row + 1}, col ${a.col + 1}: ${a.score.toFixed(3)}`;
+        w.addEventListener("mouseenter", () => paintWord(card, i));
+        w.addEventListener("click", (ev) => { ev.stopPropagation(); card.classList.add("pinned"); paintWord(card, i); });
+        words.appendChild(w);
+      });
+      buildHeat(card, hit, r.grid);
+      words.addEventListener("mouseleave", () => paintAll(card));
+    }
+    card.addEventListener("click", () => {
+      const was = card.classList.contains("pinned");
+      document.querySelectorAll(".card.pinned").forEach((c) => c.classList.remove("pinned"));
+      if (!was) card.classList.add("pinned");
+      paintAll(card);
+    });
+    box.appendChild(card);
+  });
+}
+
+async function searchText(ev) {
+  if (ev) ev.preventDefault();
+  const query = $("query").value.trim();
+  if (!query) { setStatus("Type a query first.", true); return; }
+  $("query-preview").hidden = true;
+  setStatus("searching…");
+  try {
+    const body = { query, explain: $("explain").checked, ...options() };
+    const r = await call("/search/text", { method: "POST", headers: headers(true), body: JSON.stringify(body) });
+    render(r);
+    setStatus(timingText(r));
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+async function searchImage(file) {
+  if (!file) return;
+  const form = new FormData();
+  const o = options();
+  form.append("file", file);
+  form.append("k", String(o.k));
+  form.append("mode", o.mode);
+  form.append("candidates", String(o.candidates));
+  form.append("target", $("target-images").checked ? "images" : "captions");
+  const prev = $("query-preview");
+  prev.innerHTML = "";
+  const im = document.createElement("img");
+  im.src = URL.createObjectURL(file);
+  prev.append(im, document.createTextNode(`query image: ${file.name}`));
+  prev.hidden = false;
+  setStatus("searching…");
+  try {
+    const r = await call("/search/image", { method: "POST", headers: headers(false), body: form });
+    render(r);
+    setStatus(timingText(r));
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+async function loadInfo() {
+  try {
+    const res = await fetch("/readyz");
+    const r = await res.json();
+    const info = r.info || {};
+    const n = info.images ?? (info.counts && info.counts.images);
+    $("index-info").textContent = r.ready
+      ? `index ${r.index.index_dir.split("/").pop()} · generation ${r.index.generation}` + (n !== undefined ? ` · ${n} images` : "")
+      : `not ready: ${r.message}`;
+    if (!r.ready) setTimeout(loadInfo, 1500);
+  } catch (e) {
+    $("index-info").textContent = "service unreachable";
+  }
+}
+
+function setupDrop() {
+  const drop = $("drop"), file = $("file");
+  drop.addEventListener("click", (ev) => { if (ev.target.tagName !== "INPUT" && ev.target.tagName !== "LABEL") file.click(); });
+  drop.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") file.click(); });
+  file.addEventListener("change", () => searchImage(file.files[0]));
+  ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (ev) => { ev.preventDefault(); drop.classList.add("over"); }));
+  ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (ev) => { ev.preventDefault(); drop.classList.remove("over"); }));
+  drop.addEventListener("drop", (ev) => { const f = ev.dataTransfer.files[0]; if (f) searchImage(f); });
+}
+
+$("text-form").addEventListener("submit", searchText);
+$("api-key").value = state.key;
+$("api-key").addEventListener("change", () => { state.key = $("api-key").value; localStorage.setItem("apiKey", state.key); });
+setupDrop();
+loadInfo();
