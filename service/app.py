@@ -70,7 +70,9 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
     metrics = Metrics()
     engine = Engine(settings, loader=loader, metrics=metrics)
     if searcher is not None:
-        engine.install(searcher, settings.index_dir or Path("<memory>"))
+        from .engine import initial_cost
+
+        engine.install(searcher, settings.index_dir or Path("<memory>"), initial_cost=initial_cost(searcher))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -182,8 +184,8 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
             return JSONResponse({"ready": False, "message": str(e), "status": 503}, status_code=503,
                                 headers={"Retry-After": "1"})
         info = getattr(h.searcher, "info", None)
-        return ReadyResponse(ready=True, message="ready", index=_ref(h),
-                             info=_jsonable(info) if isinstance(info, dict) else None)
+        summary = {k: v for k, v in info.items() if k not in ("files", "segments")} if isinstance(info, dict) else None
+        return ReadyResponse(ready=True, message="ready", index=_ref(h), info=_jsonable(summary))
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics",
              responses={200: {"content": {"text/plain": {}}}}, response_class=Response)
@@ -267,7 +269,9 @@ def _resolve(opts: SearchOptions, handle: IndexHandle, engine: Engine, settings:
              ) -> tuple[int, bool]:
     """Check the settings' (tighter) bounds and filters; pick the re-rank depth."""
     if opts.k > settings.max_k:
-        raise ClientError(422, f"k must be between 1 and {settings.max_k}")
+        if "k" in opts.model_fields_set:
+            raise ClientError(422, f"k must be between 1 and {settings.max_k}")
+        opts.k = settings.max_k  # the schema default is above this deployment's ceiling
     if opts.filters:
         known = handle.metadata_fields
         unknown = sorted(set(opts.filters) - known)

@@ -124,11 +124,12 @@ class Engine:
     def ready(self) -> bool:
         return self._handle is not None
 
-    def install(self, searcher: Any, index_dir: Path, load_seconds: float = 0.0) -> IndexHandle:
+    def install(self, searcher: Any, index_dir: Path, load_seconds: float = 0.0,
+                initial_cost: float | None = None) -> IndexHandle:
         """Make `searcher` the one being served (a single reference assignment: atomic)."""
         self._generation += 1
         handle = IndexHandle(searcher, self._generation, Path(index_dir), load_seconds, grid_of(searcher))
-        cost = _initial_cost(searcher)
+        cost = initial_cost if initial_cost is not None else None
         if cost is not None and self.auto.per_candidate_s is None:
             self.auto.observe(1, cost)
         self._handle = handle
@@ -151,7 +152,7 @@ class Engine:
             self.loading = True
             t0 = time.perf_counter()
             try:
-                searcher = await asyncio.get_running_loop().run_in_executor(
+                searcher, cost = await asyncio.get_running_loop().run_in_executor(
                     self._load_executor, functools.partial(self._load_and_warm, target))
             except Exception as e:
                 reason = _one_line(e)
@@ -163,14 +164,15 @@ class Engine:
             finally:
                 self.loading = False
             self.metrics.swaps.labels("ok").inc()
-            return self.install(searcher, target, time.perf_counter() - t0)
+            return self.install(searcher, target, time.perf_counter() - t0, cost)
 
-    def _load_and_warm(self, index_dir: Path) -> Any:
+    def _load_and_warm(self, index_dir: Path) -> tuple[Any, float | None]:
+        """Runs on the loader thread: open, warm, and measure the re-rank cost before the swap."""
         if not Path(index_dir).is_dir():
             raise FileNotFoundError(f"not a directory: {index_dir}")
         searcher = self.loader(Path(index_dir).resolve())
         warm_up(searcher)
-        return searcher
+        return searcher, initial_cost(searcher)
 
     # --- running blocking work off the loop ---------------------------------------------------
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -181,7 +183,7 @@ class Engine:
         self._load_executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _initial_cost(searcher: Any) -> float | None:
+def initial_cost(searcher: Any) -> float | None:
     fn = getattr(searcher, "rerank_cost", None)
     if not callable(fn):
         return None

@@ -7,14 +7,16 @@ object keeps the app factory, the CLI and `uvicorn --factory` in agreement on ev
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -43,7 +45,7 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, every search/item/image/admin call needs it")
     admin_key: SecretStr | None = Field(None, description="key for /admin/*; defaults to api_key")
     allow_admin: bool = Field(True, description="expose POST /admin/reload (index hot swap)")
-    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; ['*'] for any")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="allowed CORS origins; ['*'] for any")
 
     max_request_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="413 above this body size")
     max_query_chars: int = Field(512, ge=1, le=HARD_MAX_QUERY_CHARS)
@@ -63,7 +65,9 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _split_origins(cls, v: Any) -> Any:
         # Accept "a,b" as well as a JSON list, since people type both into env files.
-        if isinstance(v, str) and not v.strip().startswith("["):
+        if isinstance(v, str):
+            if v.strip().startswith("["):
+                return json.loads(v)
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
 
