@@ -45,16 +45,16 @@ def settings_from_args(args: argparse.Namespace, **extra):
 
 def serve(settings, index_dir: Path | None = None) -> int:
     """Load the index in the foreground, then run uvicorn until interrupted."""
-    import uvicorn
-
-    from .app import create_app
-    from .engine import default_loader
-
     target = index_dir or settings.index_dir
     if target is None:
         return _fail(EXIT_USER, "no index given: pass --index DIR or set SERVICE_INDEX_DIR")
     if not Path(target).is_dir():
         return _fail(EXIT_USER, f"index directory not found: {target}")
+    import uvicorn  # heavy imports only once the arguments are known to be usable
+
+    from .app import create_app
+    from .engine import default_loader
+
     settings = settings.model_copy(update={"index_dir": Path(target)})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

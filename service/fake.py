@@ -65,7 +65,7 @@ class FakeSearcher:
         for i in range(n_images):
             c, a = colours[i % len(colours)], animals[i % len(animals)]
             p = self.root / "images" / f"{tag}{i}.jpg"
-            rgb = [(i * 53) % 256, (i * 97) % 256, (i * 151) % 256]
+            rgb = [60 + (i * 53) % 190, 60 + (i * 97) % 190, 60 + (i * 151) % 190]
             Image.new("RGB", (32 + i, 32), tuple(rgb)).save(p)
             self.paths.append(p)
             self.meta.append({"split": "test" if i % 2 == 0 else "train", "n": i, "tag": tag})

@@ -107,7 +107,7 @@ function paintWord(card, idx) {
   const a = card._alignment[idx];
   (card._cells || []).forEach((d, i) => {
     const on = i === a.cell;
-    d.style.background = on ? heatColour(1) : "rgba(0,0,0,0.45)";
+    d.style.background = on ? heatColour(1) : "rgba(0,0,0,0.35)";
     d.textContent = on ? a.word : "";
     d.dataset.active = on ? "1" : "0";
   });
@@ -222,7 +222,7 @@ function setupDrop() {
   const drop = $("drop"), file = $("file");
   drop.addEventListener("click", (ev) => { if (ev.target.tagName !== "INPUT" && ev.target.tagName !== "LABEL") file.click(); });
   drop.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") file.click(); });
-  file.addEventListener("change", () => searchImage(file.files[0]));
+  file.addEventListener("change", () => { const f = file.files[0]; file.value = ""; searchImage(f); });
   ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (ev) => { ev.preventDefault(); drop.classList.add("over"); }));
   ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (ev) => { ev.preventDefault(); drop.classList.remove("over"); }));
   drop.addEventListener("drop", (ev) => { const f = ev.dataTransfer.files[0]; if (f) searchImage(f); });
