@@ -1,0 +1,372 @@
+"""`indexer build`: stream a collection through the encoder into a new index directory.
+
+decode (DataLoader workers: read bytes, sha256, decode, preprocess) -> encoder.encode_pixels ->
+token codec -> append to raw files; captions go through encoder.encode_texts in batches. Each
+batch commits its SQLite rows together with the progress record, so memory stays bounded by
+one batch and a killed build, re-run with the same command, continues after the last
+committed batch. Everything is written into `<out>.partial` and renamed into place at the end,
+so `<out>` is either absent or a complete index.
+
+Ids do not depend on batching: image id = position of the image in the input order, caption
+id = number of images + ordinal of the caption in that order. A resumed build therefore
+produces exactly the ids, rows and vectors of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import faiss_index, metadata
+from .config import BuildConfig, FaissParams, choose_faiss
+from .inputs import Entry, Source, read_source
+from .manifest import CODEC, FAISS, META, REPORT, Manifest, file_entries, write_manifest
+from .tokenstore import KINDS, RawKind, Segment, TokenCodec, write_segment
+
+SEGMENT0 = "tokens-000.h5"
+
+
+class BuildError(RuntimeError):
+    """A build that cannot start or finish, with a one-line reason for the CLI."""
+
+
+# ------------------------------------------------------------------ decoding in workers
+class _Files(Dataset):
+    """Reads, hashes and decodes one image; failures come back as reasons, never exceptions."""
+
+    def __init__(self, root: Path, entries: list[Entry], start: int, preprocess: Callable):
+        self.root, self.entries, self.start, self.preprocess = root, entries, start, preprocess
+
+    def __len__(self) -> int:
+        return len(self.entries) - self.start
+
+    def __getitem__(self, i: int):
+        from encoder.transforms import ImageError, load_image
+
+        pos = self.start + i
+        try:
+            data = (self.root / self.entries[pos].path).read_bytes()
+        except OSError as e:
+            return pos, None, None, f"unreadable file: {e.strerror or e}"
+        sha = hashlib.sha256(data).hexdigest()
+        try:
+            return pos, sha, self.preprocess(load_image(data)), None
+        except ImageError as e:
+            return pos, sha, None, str(e)
+        except Exception as e:  # a decoder bug on one file must not kill the build
+            return pos, sha, None, f"cannot decode: {type(e).__name__}: {e}"
+
+
+def _collate(items):
+    return items
+
+
+# ------------------------------------------------------------------ one encoded batch
+@dataclass
+class _Encoded:
+    end: int
+    ok: list[tuple[int, str]] = field(default_factory=list)  # (entry pos, sha256) in order
+    bad: list[tuple[int, str | None, str]] = field(default_factory=list)  # (pos, sha, reason)
+    img_global: np.ndarray | None = None
+    img_tokens: np.ndarray | None = None  # [b*T, D]
+    img_len: np.ndarray | None = None
+    cap_items: list[tuple[int, int, str]] = field(default_factory=list)  # (caption ordinal, entry pos, text)
+    cap_global: np.ndarray | None = None
+    cap_tokens: np.ndarray | None = None
+    cap_len: np.ndarray | None = None
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def encode_texts_flat(encoder, texts: list[str], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(global [n, D], real tokens concatenated [sum(len), D], lengths [n]) for a list of texts."""
+    D = encoder.dim
+    if not texts:
+        return np.zeros((0, D), np.float32), np.zeros((0, D), np.float32), np.zeros(0, np.int64)
+    gs, ts, ls = [], [], []
+    for s in range(0, len(texts), batch):
+        emb = encoder.encode_texts(texts[s:s + batch])
+        mask = emb.mask.cpu()
+        gs.append(_np(emb.global_))
+        ts.append(_np(emb.tokens.cpu()[mask]))
+        ls.append(mask.sum(1).numpy().astype(np.int64))
+    return np.concatenate(gs), np.concatenate(ts), np.concatenate(ls)
+
+
+class _Builder:
+    def __init__(self, cfg: BuildConfig, source: Source, encoder, folder: Path):
+        self.cfg, self.source, self.encoder, self.folder = cfg, source, encoder, folder
+        self.entries = source.entries
+        n = len(self.entries)
+        ncap = np.array([len(e.captions) for e in self.entries], dtype=np.int64)
+        self.cap_first = n + np.concatenate([[0], np.cumsum(ncap)[:-1]]) if n else np.zeros(0, np.int64)
+        self.raws = {k: RawKind.at(folder, k) for k in KINDS}
+        self.codecs: dict[str, TokenCodec] = {}
+
+    # ---- encoding
+    def encode(self, items) -> _Encoded:
+        enc = self.encoder
+        out = _Encoded(end=items[-1][0] + 1)
+        pixels = []
+        for pos, sha, px, reason in items:
+            if px is None:
+                out.bad.append((pos, sha, reason))
+            else:
+                out.ok.append((pos, sha))
+                pixels.append(px)
+        D = enc.dim
+        if pixels:
+            emb = enc.encode_pixels(torch.stack(pixels))
+            mask = emb.mask.cpu()
+            out.img_global = _np(emb.global_)
+            out.img_tokens = _np(emb.tokens.cpu()[mask])
+            out.img_len = mask.sum(1).numpy().astype(np.int64)
+        else:
+            out.img_global, out.img_tokens, out.img_len = (np.zeros((0, D), np.float32),
+                                                            np.zeros((0, D), np.float32), np.zeros(0, np.int64))
+        for pos, _ in out.ok:
+            for j, text in enumerate(self.entries[pos].captions):
+                out.cap_items.append((int(self.cap_first[pos]) + j, pos, text))
+        out.cap_global, out.cap_tokens, out.cap_len = encode_texts_flat(
+            enc, [t for _, _, t in out.cap_items], self.cfg.caption_batch)
+        return out
+
+    # ---- writing (one SQLite transaction per batch)
+    def write(self, con, b: _Encoded, seen: dict[str, tuple[int, str]]) -> None:
+        rows = []
+        img_keep = np.ones(len(b.ok), dtype=bool)
+        owner: dict[int, int] = {}  # entry pos -> image id its captions belong to
+        seg_pos = {k: self.raws[k].sizes()["meta"] // 24 for k in KINDS}
+        for pos, sha, reason in b.bad:
+            metadata.report(con, self.entries[pos].path, "skipped", reason)
+        n_img = 0
+        for i, (pos, sha) in enumerate(b.ok):
+            e = self.entries[pos]
+            if sha in seen:
+                img_keep[i] = False
+                orig_id, orig_path = seen[sha]
+                owner[pos] = orig_id
+                metadata.report(con, e.path, "duplicate", f"same content as {orig_path} (id {orig_id}); "
+                                f"its {len(e.captions)} caption(s) attach to that image")
+                continue
+            seen[sha] = (pos, e.path)
+            owner[pos] = pos
+            rows.append((pos, "image", e.path, None, None, e.meta, sha, 0, seg_pos["image"] + n_img))
+            metadata.add_fields(con, e.meta)
+            n_img += 1
+        for j, (cid, pos, text) in enumerate(b.cap_items):
+            rows.append((cid, "caption", None, text, owner[pos], None, None, 0, seg_pos["caption"] + j))
+        # raw token files first, then the transaction that makes them count
+        T = self.encoder_tokens
+        keep_rows = np.repeat(img_keep, b.img_len) if len(b.img_len) else np.zeros(0, bool)
+        self.raws["image"].append(self.codecs["image"].encode(b.img_tokens[keep_rows]), b.img_global[img_keep],
+                                  np.array([p for (p, _), k in zip(b.ok, img_keep) if k], dtype=np.int64),
+                                  b.img_len[img_keep], self.codecs["image"].row_bytes)
+        self.raws["caption"].append(self.codecs["caption"].encode(b.cap_tokens), b.cap_global,
+                                    np.array([c for c, _, _ in b.cap_items], dtype=np.int64), b.cap_len,
+                                    self.codecs["caption"].row_bytes)
+        del T
+        metadata.insert_items(con, rows)
+        metadata.set_progress(con, {"position": b.end, "raw": {k: self.raws[k].sizes() for k in KINDS}})
+        con.commit()
+
+    @property
+    def encoder_tokens(self) -> int:
+        g = self.encoder.image_backbone.grid
+        return int(g[0] * g[1])
+
+
+def _signature(cfg: BuildConfig, source: Source, digest: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([cfg.tokens, cfg.faiss, digest, str(Path(cfg.images).resolve())]).encode())
+    for e in source.entries:
+        h.update(json.dumps([e.path, e.captions, e.meta], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _loader(cfg: BuildConfig, source: Source, start: int, preprocess) -> DataLoader:
+    ds = _Files(source.root, source.entries, start, preprocess)
+    kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_collate, shuffle=False)
+    if cfg.workers > 0:
+        kw["prefetch_factor"] = 4
+    return DataLoader(ds, **kw)
+
+
+def _train_codecs(builder: _Builder, pending: list[_Encoded], cfg: BuildConfig) -> None:
+    for kind in KINDS:
+        codec = builder.codecs[kind]
+        if not codec.needs_training:
+            continue
+        parts = [(b.img_tokens if kind == "image" else b.cap_tokens) for b in pending]
+        x = np.concatenate(parts) if parts else np.zeros((0, builder.encoder.dim), np.float32)
+        if x.shape[0] > cfg.codec_train_tokens:
+            x = x[np.random.default_rng(0).choice(x.shape[0], cfg.codec_train_tokens, replace=False)]
+        if x.shape[0] < 256:
+            if x.shape[0] == 0:
+                continue  # nothing of this kind to store (e.g. no captions): the codec is never used
+            raise BuildError(f"--tokens {cfg.tokens}: only {x.shape[0]} {kind} token vectors to train the "
+                             f"quantiser (needs >= 256); use fp16 or int8 for a collection this small")
+        codec.train(x)
+        codec.save(builder.folder / CODEC[kind])
+
+
+def open_encoder(checkpoint: str | None, device: str | None):
+    from encoder.model import CheckpointError
+    from encoder.pipeline import Encoder
+
+    try:
+        return Encoder.from_pretrained(checkpoint, device=device)
+    except CheckpointError as e:
+        raise BuildError(str(e)) from None
+
+
+def encode_into(folder: Path, cfg: BuildConfig, source: Source, encoder,
+                on_batch: Callable[[int], None] | None = None) -> dict:
+    """Encode `source` into raw files + SQLite inside `folder`, resuming from its progress."""
+    folder.mkdir(parents=True, exist_ok=True)
+    con = metadata.connect(folder / META)
+    builder = _Builder(cfg, source, encoder, folder)
+    for kind in KINDS:
+        builder.codecs[kind] = TokenCodec.load(cfg.tokens, encoder.dim, folder / CODEC[kind])
+    prog = metadata.get_progress(con)
+    start = int(prog.get("position", 0))
+    for kind in KINDS:
+        builder.raws[kind].truncate(prog.get("raw", {}).get(kind, {}))
+    if start == 0:
+        for m in source.missing:
+            metadata.report(con, m["path"], "missing", m["reason"])
+        con.commit()
+    seen = {r["sha256"]: (r["id"], r["path"]) for r in con.execute("SELECT id, path, sha256 FROM items WHERE kind='image'")}
+    n = len(source.entries)
+    need_training = any(c.needs_training for c in builder.codecs.values())
+    pending: list[_Encoded] = []
+    pending_tokens = 0
+    batches = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=n, initial=start, unit="img", desc="index", disable=not cfg.progress, smoothing=0.1)
+    if start < n:
+        for items in _loader(cfg, source, start, encoder.preprocess):
+            b = builder.encode(items)
+            bar.update(len(items))
+            if need_training:
+                pending.append(b)
+                pending_tokens += len(b.img_tokens)
+                if pending_tokens < cfg.codec_train_tokens:
+                    continue
+                _train_codecs(builder, pending, cfg)
+                need_training = False
+                todo, pending = pending, []
+            else:
+                todo = [b]
+            for bb in todo:
+                builder.write(con, bb, seen)
+                batches += 1
+                if on_batch is not None:
+                    on_batch(batches)
+    if need_training:  # the whole collection fitted in the training sample
+        _train_codecs(builder, pending, cfg)
+        for bb in pending:
+            builder.write(con, bb, seen)
+            batches += 1
+            if on_batch is not None:
+                on_batch(batches)
+    bar.close()
+    con.close()
+    return {"encode_seconds": time.perf_counter() - t0, "batches": batches, "resumed_from": start}
+
+
+def finalize(folder: Path, cfg: BuildConfig, encoder, source_root: Path, checkpoint_digest: str,
+             stats: dict) -> Manifest:
+    """Raw files -> HDF5 segment, FAISS galleries, report, manifest (all inside `folder`)."""
+    codec = TokenCodec.load(cfg.tokens, encoder.dim, folder / CODEC["image"])
+    raws = {k: RawKind.at(folder, k) for k in KINDS}
+    counts = write_segment(folder / SEGMENT0, raws, cfg.tokens, encoder.dim, codec.row_bytes)
+    seg = Segment(folder / SEGMENT0)
+    fparams: dict[str, FaissParams] = {}
+    for kind in KINDS:
+        vec, ids = seg.kinds[kind]["global"], seg.kinds[kind]["ids"]
+        p = choose_faiss(len(ids), encoder.dim, cfg.faiss)
+        if len(ids) == 0:
+            p = choose_faiss(0, encoder.dim, "flat")
+        fparams[kind] = p
+        faiss_index.save(faiss_index.build_index(vec, ids, p), folder / FAISS[kind])
+    del seg
+    con = metadata.connect(folder / META)
+    problems = metadata.read_report(con)
+    metadata.set_progress(con, {"finished": True})
+    con.commit()
+    con.close()
+    summary = {k: sum(1 for p in problems if p["problem"] == k) for k in ("skipped", "duplicate", "missing")}
+    (folder / REPORT).write_text(json.dumps({"summary": summary, "problems": problems}, indent=2) + "\n")
+    files = [META, SEGMENT0, REPORT, *FAISS.values(), *[CODEC[k] for k in KINDS if (folder / CODEC[k]).is_file()]]
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    grid = list(encoder.image_backbone.grid)
+    m = Manifest(
+        created=now, checkpoint=str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None,
+        checkpoint_digest=checkpoint_digest, model=encoder.model.config.model_dump(),
+        images_root=str(source_root.resolve()), dim=encoder.dim, image_tokens=grid[0] * grid[1], grid=grid,
+        token_form=cfg.tokens, token_row_bytes=codec.row_bytes, segments=[SEGMENT0], faiss=fparams,
+        counts={"images": counts["image"], "captions": counts["caption"], "deleted_images": 0,
+                "deleted_captions": 0},
+        files=file_entries(folder, files),
+        build={**summary, "encode_seconds": round(stats.get("encode_seconds", 0.0), 2),
+               "captions_file": cfg.captions, "split": cfg.split, "faiss_option": cfg.faiss},
+    )
+    write_manifest(folder, m)
+    return m
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def build(cfg: BuildConfig, encoder=None, on_batch: Callable[[int], None] | None = None) -> Manifest:
+    """Build (or resume building) the index `cfg.out`; returns its manifest."""
+    from encoder.model import checkpoint_digest
+
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise BuildError(f"{out} already exists; pass --overwrite to replace it")
+    source = read_source(cfg.images, cfg.captions, cfg.split)
+    encoder = encoder or open_encoder(cfg.checkpoint, cfg.device)
+    digest = checkpoint_digest(cfg.checkpoint)
+    part = partial_dir(out)
+    sig = _signature(cfg, source, digest)
+    sig_file, done_marker = part / "build.signature", part / "FINALIZED"
+    if part.exists() and (not sig_file.is_file() or sig_file.read_text() != sig):
+        shutil.rmtree(part)  # a partial build of something else: start over
+    part.mkdir(parents=True, exist_ok=True)
+    if not sig_file.is_file():
+        sig_file.write_text(sig)
+    if not done_marker.is_file():
+        stats = encode_into(part, cfg, source, encoder, on_batch)
+        finalize(part, cfg, encoder, source.root, digest, stats)
+        done_marker.write_text("ok\n")
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(part, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(part, out)
+    for r in (RawKind.at(out, k) for k in KINDS):
+        r.remove()
+    sig_file = out / sig_file.name
+    sig_file.unlink(missing_ok=True)
+    (out / done_marker.name).unlink(missing_ok=True)
+    from .manifest import read_manifest
+
+    return read_manifest(out)

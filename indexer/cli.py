@@ -1,0 +1,197 @@
+"""`indexer build|add|remove|compact|info|search`: argument parsing over the indexer modules.
+
+User mistakes (missing folders, existing output, bad options, unreadable checkpoints) end with
+exit code 2 and one line on stderr; an interrupted build exits 130 and resumes on re-run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USER = 2
+
+
+def _build_config(args: argparse.Namespace):
+    from .config import BuildConfig
+
+    return BuildConfig(images=args.images, captions=args.captions, out=args.out, checkpoint=args.checkpoint,
+                       faiss=args.faiss, tokens=args.tokens, overwrite=args.overwrite, split=args.split,
+                       batch_size=args.batch_size, workers=args.workers, device=args.device,
+                       progress=not args.quiet)
+
+
+def _summary(m) -> str:
+    b = m.build
+    return (f"{m.counts['images']} images, {m.counts['captions']} captions; skipped {b.get('skipped', 0)}, "
+            f"duplicates {b.get('duplicate', 0)}, missing {b.get('missing', 0)} (see build_report.json); "
+            f"faiss image={m.faiss['image'].factory} caption={m.faiss['caption'].factory}; tokens {m.token_form} "
+            f"({m.token_row_bytes * m.image_tokens} B/image)")
+
+
+def _cmd_build(args) -> int:
+    from .build import build
+
+    m = build(_build_config(args))
+    print(f"{args.out}: {_summary(m)}")
+    return 0
+
+
+def _cmd_add(args) -> int:
+    from .maintain import add
+
+    m = add(args.index, images=args.images, captions=args.captions, split=args.split, batch_size=args.batch_size,
+            workers=args.workers, device=args.device, progress=not args.quiet)
+    print(f"{args.index}: now {_summary(m)}")
+    return 0
+
+
+def _cmd_remove(args) -> int:
+    from .maintain import remove
+
+    n = remove(args.index, ids=args.ids or [], paths=args.paths or [])
+    print(f"{args.index}: {n['images']} image(s) and {n['captions']} caption(s) marked deleted; "
+          f"`indexer compact` reclaims their space")
+    return 0
+
+
+def _cmd_compact(args) -> int:
+    from .maintain import compact
+
+    m = compact(args.index)
+    print(f"{args.index}: compacted; {_summary(m)}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .info import index_info
+
+    info = index_info(args.index, verify=args.verify)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"index {info['path']} (format {info['format_version']}, created {info['created']})")
+        print(f"  images {info['images']} (+{info['deleted_images']} deleted), captions {info['captions']} "
+              f"(+{info['deleted_captions']} deleted)")
+        print(f"  model {info['model']['checkpoint']} sha256 {info['model']['checkpoint_digest'][:16]}..., "
+              f"dim {info['dim']}, grid {info['grid']}")
+        print(f"  tokens {info['token_form']}: {info['token_bytes_per_image']} bytes/image")
+        for k, f in info["faiss"].items():
+            print(f"  faiss {k}: {f['factory']} nprobe={f['nprobe']} efSearch={f['ef_search']}")
+        print(f"  {info['bytes'] / 1e6:.1f} MB in {len(info['files'])} files; health: "
+              f"{'ok' if info['health']['ok'] else '; '.join(info['health']['problems'])} "
+              f"({info['health']['checked']})")
+    return 0 if info["health"]["ok"] else 1
+
+
+def _cmd_search(args) -> int:
+    from .searcher import Searcher
+
+    s = Searcher(args.index, device=args.device)
+    filters = json.loads(args.filters) if args.filters else None
+    if args.image:
+        from encoder.transforms import load_image
+
+        res = s.search_image(load_image(args.image), k=args.k, candidates=args.candidates, mode=args.mode,
+                             filters=filters, target=args.target)
+    else:
+        res = s.search_text(args.text, k=args.k, candidates=args.candidates, mode=args.mode, filters=filters,
+                            explain=args.explain)
+    for h in res.hits:
+        label = h.path if h.kind == "image" else h.caption
+        print(f"{h.score:8.3f}  {h.id:>8}  {label}")
+    print(json.dumps({k: round(v * 1000, 2) for k, v in res.timings.items()}) + " ms", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="indexer", description="Build and maintain image-text retrieval indexes.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--batch-size", type=int, default=64)
+        sp.add_argument("--workers", type=int, default=1, help="DataLoader decode workers")
+        sp.add_argument("--device", help="torch device (default: cuda when available)")
+        sp.add_argument("--split", help="with a pairs JSONL/CSV: only lines of this split")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    b = sub.add_parser("build", help="encode a collection into a new index directory")
+    b.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    b.add_argument("--captions", help="pairs .jsonl, COCO captions .json or .csv")
+    b.add_argument("--out", required=True, help="index directory to create")
+    b.add_argument("--checkpoint", help="encoder checkpoint folder (default: the packaged default model)")
+    b.add_argument("--faiss", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"])
+    b.add_argument("--tokens", default="fp16", help="token store form: fp16, fp32, int8, pqM, opqM (e.g. pq32)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    common(b)
+    b.set_defaults(func=_cmd_build)
+
+    a = sub.add_parser("add", help="add images (and captions) to an index without rebuilding it")
+    a.add_argument("index")
+    a.add_argument("--images", required=True)
+    a.add_argument("--captions")
+    common(a)
+    a.set_defaults(func=_cmd_add)
+
+    r = sub.add_parser("remove", help="tombstone items by id or image path (compact reclaims space)")
+    r.add_argument("index")
+    r.add_argument("--ids", type=int, nargs="+")
+    r.add_argument("--paths", nargs="+", help="image paths as stored (relative to the images root)")
+    r.set_defaults(func=_cmd_remove)
+
+    c = sub.add_parser("compact", help="rewrite the index without deleted items, merge segments")
+    c.add_argument("index")
+    c.set_defaults(func=_cmd_compact)
+
+    i = sub.add_parser("info", help="counts, sizes, model, FAISS parameters, health")
+    i.add_argument("index")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--verify", action="store_true", help="re-hash every file against the manifest")
+    i.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("search", help="query an index from the command line")
+    s.add_argument("index")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text")
+    q.add_argument("--image")
+    s.add_argument("--target", default="captions", choices=["captions", "images"])
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--candidates", type=int, default=100)
+    s.add_argument("--mode", default="rerank", choices=["rerank", "global"])
+    s.add_argument("--filters", help='JSON object, e.g. {"split": "test"}')
+    s.add_argument("--explain", action="store_true")
+    s.add_argument("--device")
+    s.set_defaults(func=_cmd_search)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from .build import BuildError
+    from .inputs import InputError
+    from .manifest import IndexFormatError
+    from .metadata import FilterError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("indexer: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except ValidationError as e:
+        err = e.errors()[0]
+        print(f"indexer: invalid option {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return EXIT_USER
+    except (BuildError, InputError, IndexFormatError, FilterError, ValueError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"indexer: {msg}", file=sys.stderr)
+        return EXIT_USER
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"indexer: {e}", file=sys.stderr)
+        return EXIT_USER
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""FAISS galleries of global vectors: build (train on a sample), save, load, search.
+
+Every index is wrapped in `IndexIDMap2` so FAISS returns our item ids (metadata keys) and
+`remove_ids` works where the inner index supports it (flat, IVF). HNSW cannot remove, so
+tombstones are also excluded at search time through an ID selector. A GPU copy is used when
+the installed FAISS has GPUs; nothing requires one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .config import FaissParams
+
+_GPU_RES = None
+
+
+def gpu_available() -> bool:
+    import faiss
+
+    try:
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:  # CPU-only builds may lack the symbol or the driver
+        return False
+
+
+def to_gpu(index):
+    """A GPU copy where one is available and supports this index type, else the index itself."""
+    global _GPU_RES
+    if not gpu_available():
+        return index
+    import faiss
+
+    try:
+        if _GPU_RES is None:
+            _GPU_RES = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(_GPU_RES, 0, index)
+    except Exception:  # e.g. HNSW has no GPU version
+        return index
+
+
+def build_index(vectors: np.ndarray, ids: np.ndarray, params: FaissParams, seed: int = 0,
+                add_step: int = 65536):
+    """Train on a seeded sample, then add in steps (the input may be a memmap)."""
+    import faiss
+
+    n, dim = vectors.shape
+    inner = faiss.index_factory(dim, params.factory, faiss.METRIC_INNER_PRODUCT)
+    if params.kind == "hnsw":
+        inner.hnsw.efConstruction = 80
+    if not inner.is_trained:
+        rng = np.random.default_rng(seed)
+        take = np.sort(rng.choice(n, size=min(n, params.train_size or n), replace=False))
+        sample = np.ascontiguousarray(vectors[take], dtype=np.float32)
+        ivf = faiss.try_extract_index_ivf(inner)
+        if ivf is not None and ivf.nlist > sample.shape[0]:
+            raise ValueError(f"{params.factory}: {sample.shape[0]} vectors cannot train {ivf.nlist} lists")
+        train_on = to_gpu(inner) if params.kind in ("ivf", "flat") else inner
+        train_on.train(sample)
+        if train_on is not inner:
+            inner = faiss.index_gpu_to_cpu(train_on)
+    index = faiss.IndexIDMap2(inner)
+    for s in range(0, n, add_step):
+        index.add_with_ids(np.ascontiguousarray(vectors[s:s + add_step], dtype=np.float32),
+                           np.ascontiguousarray(ids[s:s + add_step], dtype=np.int64))
+    return index
+
+
+def add_vectors(index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def remove_ids(index, ids: np.ndarray) -> int:
+    """Remove where supported (flat, IVF); returns how many were removed (0 for HNSW)."""
+    import faiss
+
+    try:
+        return int(index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
+    except RuntimeError:
+        return 0
+
+
+def save(index, path: Path) -> None:
+    import faiss
+
+    faiss.write_index(index, str(path))
+
+
+def load(path: Path):
+    import faiss
+
+    return faiss.read_index(str(path))
+
+
+def search(index, queries: np.ndarray, k: int, params: FaissParams, allow: np.ndarray | None = None,
+           deny: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids) with the stored nprobe/efSearch; `allow`/`deny` restrict ids."""
+    import faiss
+
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    sel = None
+    keep = []
+    if allow is not None:
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(allow, dtype=np.int64))
+        keep.append(sel)
+    if deny is not None and len(deny):
+        base = faiss.IDSelectorBatch(np.ascontiguousarray(deny, dtype=np.int64))
+        neg = faiss.IDSelectorNot(base)
+        keep += [base, neg]
+        sel = neg if sel is None else faiss.IDSelectorAnd(sel, neg)
+        keep.append(sel)
+    if params.kind in ("ivf", "ivfpq"):
+        sp = faiss.SearchParametersIVF(nprobe=int(params.nprobe or 1))
+    elif params.kind == "hnsw":
+        sp = faiss.SearchParametersHNSW(efSearch=max(int(params.ef_search or 64), k))
+    else:
+        sp = faiss.SearchParameters()
+    if sel is not None:
+        sp.sel = sel
+    k = max(1, min(k, index.ntotal)) if index.ntotal else 1
+    if index.ntotal == 0:
+        return np.full((q.shape[0], 0), -np.inf, np.float32), np.zeros((q.shape[0], 0), np.int64)
+    D, I = index.search(q, k, params=sp)
+    del keep
+    return D, I

@@ -1,0 +1,92 @@
+"""The manifest: what an index directory holds and what made it, so it describes itself.
+
+Readers check the format version and the checksums; the service and `encoder evaluate --index`
+load the encoder the manifest names, and refuse an index built with another checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from .config import FORMAT_VERSION, FaissParams
+
+MANIFEST = "manifest.json"
+META = "meta.sqlite"
+REPORT = "build_report.json"
+CODEC = {"image": "image.codec", "caption": "caption.codec"}
+FAISS = {"image": "images.faiss", "caption": "captions.faiss"}
+
+
+class IndexFormatError(ValueError):
+    """A directory that is not a readable index (missing, wrong version, corrupt)."""
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = FORMAT_VERSION
+    created: str
+    updated: str | None = None
+    checkpoint: str | None  # path the encoder was loaded from (None = the package default)
+    checkpoint_digest: str
+    model: dict  # the ModelConfig JSON, for reference
+    images_root: str
+    dim: int
+    image_tokens: int  # tokens per image (grid cells)
+    grid: list[int]
+    token_form: str
+    token_row_bytes: int
+    segments: list[str]
+    faiss: dict[str, FaissParams]  # "image" / "caption"
+    counts: dict[str, int]  # images, captions, deleted_images, deleted_captions
+    files: dict[str, dict]  # name -> {"bytes", "sha256"}
+    build: dict = {}
+
+
+def sha256_file(path: Path, block: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entries(folder: Path, names: list[str]) -> dict[str, dict]:
+    return {n: {"bytes": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in sorted(names)}
+
+
+def write_manifest(folder: Path, m: Manifest) -> None:
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(m.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise IndexFormatError(f"{folder}: not an index directory (no {MANIFEST})")
+    try:
+        m = Manifest.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValueError) as e:
+        raise IndexFormatError(f"{path}: unreadable manifest: {str(e).splitlines()[0]}") from None
+    if m.format_version != FORMAT_VERSION:
+        raise IndexFormatError(f"{folder}: index format {m.format_version}, this version reads {FORMAT_VERSION}")
+    return m
+
+
+def verify_files(folder: Path, m: Manifest) -> list[str]:
+    """Problems found comparing the files to the manifest's sizes and checksums."""
+    problems = []
+    for name, want in m.files.items():
+        p = Path(folder) / name
+        if not p.is_file():
+            problems.append(f"{name}: missing")
+        elif p.stat().st_size != want["bytes"]:
+            problems.append(f"{name}: size {p.stat().st_size} != {want['bytes']}")
+        elif sha256_file(p) != want["sha256"]:
+            problems.append(f"{name}: checksum mismatch")
+    return problems

@@ -1,0 +1,346 @@
+"""`Searcher`: the one search engine over an index directory (service, CLI and evaluation).
+
+Two stages: FAISS over the global vectors returns K candidates (filters and tombstones applied
+inside FAISS through ID selectors, so a selective filter still yields K real candidates); then
+the candidates' token blocks are gathered from the memory-mapped token store, scored with the
+encoder's MrSw kernel and fused with the exact global score. Scores always come from the
+same `encoder.similarity` functions training and evaluation use.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import faiss_index, metadata
+from .info import index_info
+from .manifest import CODEC, FAISS, META, IndexFormatError, Manifest, read_manifest
+from .tokenstore import KINDS, Segment, TokenCodec, gather_rows, pad_blocks
+
+MODES = ("rerank", "global")
+TARGETS = {"images": "image", "captions": "caption"}
+
+
+class SearchError(ValueError):
+    """A request the index cannot answer (bad mode, bad filter, ...), with the reason."""
+
+
+@dataclass
+class Hit:
+    id: int
+    score: float
+    global_score: float
+    local_score: float | None
+    kind: str
+    metadata: dict = field(default_factory=dict)
+    path: str | None = None
+    caption: str | None = None
+    image_id: int | None = None
+    alignment: list[dict] | None = None
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    timings: dict[str, float]
+    candidates: int
+
+
+@dataclass
+class Gathered:
+    """Stored vectors of some items of one kind: exact globals and decoded, padded tokens."""
+
+    global_: np.ndarray  # [K, D]
+    tokens: np.ndarray  # [K, S, D]
+    mask: np.ndarray  # [K, S]
+
+
+class _KindTable:
+    """Per kind: sorted ids -> (segment, position), live flags; the FAISS gallery."""
+
+    def __init__(self, con, kind: str):
+        rows = con.execute("SELECT id, segment, pos, deleted FROM items WHERE kind=? ORDER BY id", (kind,)).fetchall()
+        arr = np.array([tuple(r) for r in rows], dtype=np.int64).reshape(-1, 4)
+        self.ids, self.seg, self.pos, deleted = arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3].astype(bool)
+        self.deleted_ids = self.ids[deleted]
+        self.live_ids = self.ids[~deleted]
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at = np.searchsorted(self.ids, ids)
+        if len(ids) and (at.max() >= len(self.ids) or not np.array_equal(self.ids[at], ids)):
+            raise KeyError("unknown item id")
+        return self.seg[at], self.pos[at]
+
+
+def text_words(encoder, text: str) -> list[str]:
+    """The word (piece) strings behind each text token the encoder produces for `text`."""
+    tb = encoder.text_backbone
+    max_tokens = int(getattr(tb, "max_tokens", 32))
+    tok = getattr(tb, "tokenizer", None)
+    if tok is None:  # tiny-text: lower-cased whitespace words
+        return text.lower().split()[:max_tokens] or [""]
+    enc = tok(text, truncation=True, max_length=max_tokens + 2, return_special_tokens_mask=True)
+    ids = [i for i, s in zip(enc["input_ids"], enc["special_tokens_mask"]) if not s]
+    return tok.convert_ids_to_tokens(ids)[:max_tokens] or [""]
+
+
+class IndexStore:
+    """Everything an index directory holds, opened for reading, without an encoder."""
+
+    def __init__(self, index_dir: str | Path):
+        self.index_dir = Path(index_dir)
+        self.manifest: Manifest = read_manifest(self.index_dir)
+        m = self.manifest
+        self._local = threading.local()
+        con = self._con()
+        self.metadata_fields: set[str] = metadata.field_names(con)
+        self.tables = {k: _KindTable(con, k) for k in KINDS}
+        self.segments = [Segment(self.index_dir / s) for s in m.segments]
+        self.codecs = {k: TokenCodec.load(m.token_form, m.dim, self.index_dir / CODEC[k]) for k in KINDS}
+        self.faiss = {k: faiss_index.load(self.index_dir / FAISS[k]) for k in KINDS}
+        self.faiss_gpu = {k: faiss_index.to_gpu(v) for k, v in self.faiss.items()}
+        self.grid = tuple(m.grid)
+        self.info = index_info(self.index_dir, m, faiss_ntotal={k: int(v.ntotal) for k, v in self.faiss.items()})
+
+    def score_config(self):
+        from encoder.config import ScoreConfig
+
+        return ScoreConfig.model_validate(self.manifest.model.get("score", {}))
+
+    # ------------------------------------------------------------------ storage access
+    def _con(self):
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._local.con = metadata.connect(self.index_dir / META, readonly=True)
+        return con
+
+    def gather(self, kind: str, ids: np.ndarray) -> Gathered:
+        """Exact global vectors and decoded token blocks of `ids` (in that order)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        seg_of, pos = self.tables[kind].locate(ids)
+        D = self.manifest.dim
+        glob = np.zeros((len(ids), D), np.float32)
+        lengths = np.zeros(len(ids), np.int64)
+        blocks: list[tuple[np.ndarray, np.ndarray]] = []
+        for s in np.unique(seg_of):
+            sel = np.nonzero(seg_of == s)[0]
+            data = self.segments[int(s)].kinds[kind]
+            p = pos[sel]
+            glob[sel] = data["global"][p]
+            codes, lens = gather_rows(data["rows"], data["offsets"][p], data["lengths"][p])
+            lengths[sel] = lens
+            blocks.append((sel, self.codecs[kind].decode(codes)))
+        if len(blocks) == 1 and np.array_equal(blocks[0][0], np.arange(len(ids))):
+            flat = blocks[0][1]
+        else:  # several segments: put the blocks back in request order
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+            flat = np.zeros((int(lengths.sum()), D), np.float32)
+            for sel, dec in blocks:
+                idx = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in sel]) if len(sel) else []
+                flat[idx] = dec
+        tokens, mask = pad_blocks(flat, lengths)
+        return Gathered(glob, tokens, mask)
+
+    def _globals(self, kind: str, ids: np.ndarray) -> np.ndarray:
+        seg_of, pos = self.tables[kind].locate(np.asarray(ids, np.int64))
+        out = np.zeros((len(ids), self.manifest.dim), np.float32)
+        for s in np.unique(seg_of):
+            sel = seg_of == s
+            out[sel] = self.segments[int(s)].kinds[kind]["global"][pos[sel]]
+        return out
+
+
+class Searcher(IndexStore):
+    def __init__(self, index_dir: str | Path, encoder=None, device: str | None = None, check_model: bool = True):
+        super().__init__(index_dir)
+        m = self.manifest
+        if encoder is None:
+            from encoder.model import CheckpointError, checkpoint_digest
+            from encoder.pipeline import Encoder
+
+            try:
+                if check_model and checkpoint_digest(m.checkpoint) != m.checkpoint_digest:
+                    raise IndexFormatError(f"{self.index_dir} was built with checkpoint {m.checkpoint_digest[:12]}, "
+                                           f"but {m.checkpoint or 'the default model'} is a different one")
+                encoder = Encoder.from_pretrained(m.checkpoint, device=device)
+            except (CheckpointError, FileNotFoundError) as e:
+                raise IndexFormatError(f"cannot load the index's encoder: {e}") from None
+        self.encoder = encoder
+        if encoder.dim != m.dim:
+            raise IndexFormatError(f"encoder dim {encoder.dim} != index dim {m.dim}")
+        self.score = encoder.score_config
+        self._rerank_cost: float | None = None
+
+    # ------------------------------------------------------------------ search
+    def search_text(self, query: str, k: int = 10, candidates: int = 100, mode: str = "rerank",
+                    filters: dict | None = None, explain: bool = False) -> SearchResult:
+        if not isinstance(query, str) or not query.strip():
+            raise SearchError("the query text is empty")
+        t0 = time.perf_counter()
+        emb = self.encoder.encode_texts([query])
+        words = text_words(self.encoder, query) if explain else None
+        enc_s = time.perf_counter() - t0
+        return self.search_embeddings(emb, "text", "images", k, candidates, mode, filters, explain, words,
+                                      encode_seconds=enc_s)
+
+    def search_image(self, image: Image.Image, k: int = 10, candidates: int = 100, mode: str = "rerank",
+                     filters: dict | None = None, target: str = "captions", explain: bool = False) -> SearchResult:
+        t0 = time.perf_counter()
+        emb = self.encoder.encode_images([image])
+        enc_s = time.perf_counter() - t0
+        return self.search_embeddings(emb, "image", target, k, candidates, mode, filters, explain,
+                                      encode_seconds=enc_s)
+
+    def search_embeddings(self, query, query_kind: str, target: str, k: int = 10, candidates: int = 100,
+                          mode: str = "rerank", filters: dict | None = None, explain: bool = False,
+                          words: list[str] | None = None, encode_seconds: float = 0.0) -> SearchResult:
+        """Search from a precomputed single-item `Embeddings` query (`query_kind` "text"/"image").
+
+        Image->image has no calibrated local score (the fusion statistics are for caption-image
+        pairs), so it ranks by the global score whatever the mode.
+        """
+        t_start = time.perf_counter()
+        if mode not in MODES:
+            raise SearchError(f"mode must be one of {MODES}, not {mode!r}")
+        if target not in TARGETS:
+            raise SearchError(f"target must be 'images' or 'captions', not {target!r}")
+        if query_kind not in ("text", "image"):
+            raise SearchError("query_kind must be 'text' or 'image'")
+        if k < 1 or candidates < 1:
+            raise SearchError("k and candidates must be >= 1")
+        kind = TARGETS[target]
+        table = self.tables[kind]
+        cross = (query_kind == "text") != (kind == "caption")
+        rerank = mode == "rerank" and cross
+        K = max(k, candidates) if rerank else k
+        q_global = query.global_.reshape(1, -1).float().cpu().numpy()
+        # ---- stage one
+        t0 = time.perf_counter()
+        allow = None
+        if filters:
+            try:
+                allow = np.array(metadata.matching_ids(self._con(), kind, filters, self.metadata_fields), np.int64)
+            except metadata.FilterError as e:
+                raise SearchError(str(e)) from None
+        timings = {"encode": encode_seconds}
+        if (allow is not None and len(allow) == 0) or len(table.live_ids) == 0:
+            timings.update(faiss=time.perf_counter() - t0, rerank=0.0)
+            timings["total"] = encode_seconds + time.perf_counter() - t_start
+            return SearchResult([], timings, 0)
+        deny = table.deleted_ids if len(table.deleted_ids) else None
+        index = self.faiss[kind] if (allow is not None or deny is not None) else self.faiss_gpu[kind]
+        _, I = faiss_index.search(index, q_global, K, self.manifest.faiss[kind], allow=allow, deny=deny)
+        cand = I[0][I[0] >= 0]
+        timings["faiss"] = time.perf_counter() - t0
+        # ---- stage two
+        t0 = time.perf_counter()
+        need_tokens = rerank or explain
+        g = self.gather(kind, cand) if need_tokens else None
+        stored = g.global_ if g is not None else self._globals(kind, cand)
+        gscore = torch.from_numpy(stored @ q_global[0])
+        local = None
+        if rerank and len(cand):
+            from encoder.similarity import fuse, local_for_candidates
+
+            qt, qm = query.tokens.reshape(-1, query.tokens.shape[-1]).float().cpu(), query.mask.reshape(-1).cpu()
+            local = local_for_candidates(qt, qm, torch.from_numpy(g.tokens), torch.from_numpy(g.mask),
+                                         query_is_text=(query_kind == "text"), reduce=self.score.local_reduce)
+            final = fuse(gscore, local, self.score)
+        else:
+            final = gscore
+        order = torch.argsort(final, descending=True, stable=True)[:k].numpy()
+        timings["rerank"] = time.perf_counter() - t0
+        hits = self._hits(kind, cand[order], final[order], gscore[order],
+                          None if local is None else local[order])
+        if explain and hits:
+            self._explain(hits, order, query, query_kind, kind, g, words)
+        timings["total"] = encode_seconds + time.perf_counter() - t_start
+        return SearchResult(hits, timings, int(len(cand)))
+
+    def _hits(self, kind, ids, final, gscore, local) -> list[Hit]:
+        rows = {}
+        if len(ids):
+            q = ",".join("?" * len(ids))
+            con = self._con()
+            for r in con.execute(f"SELECT * FROM items WHERE id IN ({q})", [int(i) for i in ids]):
+                rows[r["id"]] = metadata.item_dict(r)
+            if kind == "caption":
+                img_ids = sorted({d["image_id"] for d in rows.values()})
+                q2 = ",".join("?" * len(img_ids))
+                img_meta = {r["id"]: (json.loads(r["meta"] or "{}"), r["path"]) for r in
+                            con.execute(f"SELECT id, meta, path FROM items WHERE id IN ({q2})", img_ids)}
+                for d in rows.values():
+                    d["metadata"], d["path"] = img_meta.get(d["image_id"], ({}, None))
+        hits = []
+        for j, i in enumerate(ids):
+            d = rows.get(int(i), {})
+            hits.append(Hit(id=int(i), score=float(final[j]), global_score=float(gscore[j]),
+                            local_score=None if local is None else float(local[j]), kind=kind,
+                            metadata=d.get("metadata", {}), path=d.get("path"), caption=d.get("caption"),
+                            image_id=d.get("image_id")))
+        return hits
+
+    def _explain(self, hits, order, query, query_kind, kind, g: Gathered, words) -> None:
+        """Per hit, every caption word's best image cell (row/col in the grid) and its score."""
+        from encoder.similarity import word_alignment
+
+        gw = self.grid[1]
+        qt = query.tokens.reshape(-1, query.tokens.shape[-1]).float().cpu()
+        qm = query.mask.reshape(-1).cpu()
+        for h, j in zip(hits, order):
+            ct, cm = torch.from_numpy(g.tokens[j]), torch.from_numpy(g.mask[j])
+            if query_kind == "text" and kind == "image":
+                idx, sc = word_alignment(qt, qm, ct[None], cm[None])
+                w = words or []
+            elif query_kind == "image" and kind == "caption":
+                idx, sc = word_alignment(ct, cm, qt[None], qm[None])
+                w = text_words(self.encoder, h.caption or "")
+            else:
+                continue
+            n = int((idx[0] >= 0).sum())
+            w = (list(w) + [""] * n)[:n]
+            h.alignment = [{"word": w[t], "cell": int(idx[0, t]), "row": int(idx[0, t]) // gw,
+                            "col": int(idx[0, t]) % gw, "score": round(float(sc[0, t]), 4)} for t in range(n)]
+
+    # ------------------------------------------------------------------ items
+    def item(self, id: int) -> dict | None:
+        r = self._con().execute("SELECT * FROM items WHERE id=? AND deleted=0", (int(id),)).fetchone()
+        return None if r is None else metadata.item_dict(r)
+
+    def image_path(self, id: int) -> Path | None:
+        """The file of a live image item, only if it is inside the indexed images root."""
+        r = self._con().execute("SELECT path FROM items WHERE id=? AND kind='image' AND deleted=0",
+                                (int(id),)).fetchone()
+        if r is None:
+            return None
+        root = Path(self.manifest.images_root).resolve()
+        p = (root / r["path"]).resolve()
+        return p if root in p.parents and p.is_file() else None
+
+    def rerank_cost(self, candidates: int = 100, repeats: int = 5) -> float:
+        """Measured seconds per re-ranked candidate (gather + MrSw), cached after the first call."""
+        if self._rerank_cost is None:
+            from encoder.similarity import local_for_candidates
+
+            ids = self.tables["image"].live_ids
+            if len(ids) == 0:
+                return 0.0
+            rng = np.random.default_rng(0)
+            qt = torch.nn.functional.normalize(torch.randn(12, self.manifest.dim), dim=-1)
+            qm = torch.ones(12, dtype=torch.bool)
+            times = []
+            for _ in range(repeats):
+                c = rng.choice(ids, size=min(candidates, len(ids)), replace=False)
+                t0 = time.perf_counter()
+                g = self.gather("image", np.sort(c))
+                local_for_candidates(qt, qm, torch.from_numpy(g.tokens), torch.from_numpy(g.mask), True,
+                                     self.score.local_reduce)
+                times.append((time.perf_counter() - t0) / len(c))
+            self._rerank_cost = float(np.median(times))
+        return self._rerank_cost

@@ -1,0 +1,301 @@
+"""indexer: build, search, evaluation through the index, bad input, resume, CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from indexer.build import BuildError, build
+from indexer.config import BuildConfig
+from indexer.searcher import SearchError, Searcher
+
+
+@pytest.fixture(autouse=True)
+def _one_faiss_thread():
+    """FAISS's OpenMP k-means slows down ~7x when its 2 threads compete with other CI work."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def cfg(col: Path, out: Path, ckpt: Path, **kw) -> BuildConfig:
+    base = dict(images=str(col), captions=str(col / "pairs.jsonl"), out=str(out), checkpoint=str(ckpt),
+                workers=0, batch_size=2, progress=False)
+    return BuildConfig(**{**base, **kw})
+
+
+@pytest.fixture()
+def built(tiny_collection, tiny_checkpoint, tmp_path) -> Path:
+    out = tmp_path / "index"
+    build(cfg(tiny_collection, out, tiny_checkpoint))
+    return out
+
+
+def test_build_writes_a_self_describing_index(built, tiny_checkpoint):
+    m = json.loads((built / "manifest.json").read_text())
+    assert m["counts"]["images"] == 6 and m["counts"]["captions"] == 12
+    from encoder.model import checkpoint_digest
+    from indexer.manifest import sha256_file
+
+    assert m["checkpoint_digest"] == checkpoint_digest(tiny_checkpoint)
+    assert m["faiss"]["image"]["factory"] == "Flat"  # auto on a tiny gallery
+    for name, f in m["files"].items():
+        assert sha256_file(built / name) == f["sha256"]
+    assert not any(p.name.endswith(".partial") for p in built.parent.iterdir())
+    with h5py.File(built / "tokens-000.h5") as f:
+        rows = f["image/rows"]
+        assert rows.chunks is None and rows.compression is None  # contiguous: memmap-able
+        assert rows.shape == (6 * 16, 2 * 32)
+        assert list(f["image/lengths"][...]) == [16] * 6
+    con = sqlite3.connect(built / "meta.sqlite")
+    assert con.execute("SELECT count(*) FROM items WHERE kind='caption'").fetchone()[0] == 12
+
+
+def test_stored_vectors_match_fresh_encoding(built, tiny_collection):
+    from encoder.data import load_pairs
+    from encoder.evaluate import encode_collection
+
+    s = Searcher(built)
+    col = load_pairs(tiny_collection)
+    images, captions = encode_collection(s.encoder, col, workers=0, progress=False)
+    g = s.gather("image", np.arange(6))
+    assert np.allclose(g.global_, images.global_.numpy(), atol=1e-5)
+    assert np.allclose(g.tokens, images.tokens.numpy(), atol=2e-3)  # fp16 storage
+    c = s.gather("caption", np.arange(6, 18))
+    assert (c.mask.sum(1) == captions.mask.sum(1).numpy()).all()
+
+
+def test_search_text_image_filters_explain(built, tiny_collection):
+    s = Searcher(built)
+    res = s.search_text("red dog runs", k=3, explain=True)
+    assert len(res.hits) == 3 and res.candidates == 6
+    assert [h.score for h in res.hits] == sorted((h.score for h in res.hits), reverse=True)
+    top = res.hits[0]
+    assert top.kind == "image" and top.path.startswith("images/") and top.local_score is not None
+    assert [a["word"] for a in top.alignment] == ["red", "dog", "runs"]
+    assert all(0 <= a["row"] < 4 and 0 <= a["col"] < 4 and a["cell"] == 4 * a["row"] + a["col"]
+               for a in top.alignment)
+    assert set(res.timings) >= {"encode", "faiss", "rerank", "total"}
+    # filters are applied inside FAISS: only matching ids come back
+    res = s.search_text("red dog", k=5, filters={"n": [1, 2]})
+    assert sorted(h.id for h in res.hits) == [1, 2]
+    assert all(h.metadata["n"] in (1, 2) for h in res.hits)
+    with pytest.raises(SearchError):
+        s.search_text("x", filters={"nope": 1})
+    assert s.metadata_fields == {"split", "n"}
+    # image -> captions, and the image itself is its own nearest image
+    img = Image.open(tiny_collection / "images" / "img2.jpg")
+    res = s.search_image(img, k=4, target="captions")
+    assert all(h.kind == "caption" and h.caption and h.image_id is not None for h in res.hits)
+    res = s.search_image(img, k=2, target="images")
+    assert res.hits[0].id == 2 and res.hits[0].global_score == pytest.approx(1.0, abs=1e-4)
+    assert s.item(2)["path"] == "images/img2.jpg" and s.item(6)["kind"] == "caption"
+    assert s.item(999) is None
+    assert s.image_path(2) == (tiny_collection / "images" / "img2.jpg").resolve()
+    assert s.image_path(6) is None  # a caption has no file
+    # global mode ranks by the stored global score only
+    res = s.search_text("red dog runs", k=6, mode="global")
+    assert all(h.local_score is None and h.score == h.global_score for h in res.hits)
+    assert s.rerank_cost() > 0
+
+
+def test_evaluation_through_index_reproduces_encoder(built, tiny_collection):
+    from encoder.data import load_pairs
+    from encoder.evaluate import encode_collection, evaluate_embeddings
+    from indexer.evaluation import load_for_evaluation
+
+    images, captions, caption_image, stage_one, score = load_for_evaluation(built)
+    got = evaluate_embeddings(images, captions, caption_image, score, k=4, stage_one=stage_one)
+    s = Searcher(built)
+    col = load_pairs(tiny_collection)
+    im2, cap2 = encode_collection(s.encoder, col, workers=0, progress=False)
+    want = evaluate_embeddings(im2, cap2, torch.tensor(col.caption_image), s.encoder.score_config, k=4)
+    for mode in ("global", "two_stage", "exhaustive"):
+        assert got[mode]["rsum"] == pytest.approx(want[mode]["rsum"])
+    # a filter restricts both galleries
+    images, captions, caption_image, stage_one, _ = load_for_evaluation(built, filters={"n": [0, 1, 2]})
+    assert images.global_.shape[0] == 3 and captions.global_.shape[0] == 6
+    dense, cand = stage_one(captions.global_, "t2i", 2)
+    assert dense.shape == (6, 3) and cand.shape == (6, 2) and int(cand.max()) < 3
+
+
+def test_bad_inputs_are_reported_not_fatal(tiny_collection, tiny_checkpoint, tmp_path):
+    img = tiny_collection / "images"
+    (img / "empty.jpg").write_bytes(b"")
+    (img / "text.png").write_text("not an image")
+    good = (img / "img0.jpg").read_bytes()
+    (img / "trunc.jpg").write_bytes(good[: len(good) // 3])
+    shutil.copy(img / "img1.jpg", img / "copy_of_1.jpg")
+    with (tiny_collection / "pairs.jsonl").open("a") as f:
+        f.write(json.dumps({"image": "images/ghost.jpg", "captions": ["a ghost"]}) + "\n")
+        f.write(json.dumps({"image": "images/copy_of_1.jpg", "captions": ["dup caption"]}) + "\n")
+    out = tmp_path / "index"
+    m = build(cfg(tiny_collection, out, tiny_checkpoint))
+    report = json.loads((out / "build_report.json").read_text())
+    by_path = {p["path"]: p for p in report["problems"]}
+    assert by_path["images/ghost.jpg"]["problem"] == "missing"
+    assert by_path["images/copy_of_1.jpg"]["problem"] == "duplicate"
+    assert "images/img1.jpg" in by_path["images/copy_of_1.jpg"]["reason"]
+    for bad in ("empty.jpg", "text.png", "trunc.jpg"):
+        assert by_path[f"images/{bad}"]["problem"] == "skipped" and by_path[f"images/{bad}"]["reason"]
+    assert m.counts["images"] == 6  # nothing good was lost
+    s = Searcher(out)
+    dup = [h for h in s.search_text("dup caption", k=1).hits]
+    con = sqlite3.connect(out / "meta.sqlite")
+    owner = con.execute("SELECT image_id FROM items WHERE caption='dup caption'").fetchone()[0]
+    assert owner == 1 and dup  # the duplicate's caption attaches to the kept image
+
+
+def test_refuses_existing_output_unless_overwrite(built, tiny_collection, tiny_checkpoint):
+    with pytest.raises(BuildError, match="already exists"):
+        build(cfg(tiny_collection, built, tiny_checkpoint))
+    m = build(cfg(tiny_collection, built, tiny_checkpoint, overwrite=True, tokens="int8"))
+    assert m.token_form == "int8" and Searcher(built).manifest.token_form == "int8"
+
+
+def _snapshot(out: Path) -> dict:
+    con = sqlite3.connect(out / "meta.sqlite")
+    items = con.execute("SELECT id, kind, path, caption, image_id, meta, sha256, segment, pos FROM items "
+                        "ORDER BY id").fetchall()
+    with h5py.File(out / "tokens-000.h5") as f:
+        arrays = {f"{k}/{n}": f[f"{k}/{n}"][...] for k in ("image", "caption")
+                  for n in ("rows", "global", "ids", "offsets", "lengths")}
+    return {"items": items, **arrays}
+
+
+def test_killed_build_resumes_to_the_same_index(tiny_collection, tiny_checkpoint, tmp_path):
+    ref = tmp_path / "ref"
+    build(cfg(tiny_collection, ref, tiny_checkpoint))  # same command, uninterrupted
+    out = tmp_path / "index"
+
+    def boom(n):
+        if n == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg(tiny_collection, out, tiny_checkpoint), on_batch=boom)
+    assert not out.exists() and (tmp_path / "index.partial").is_dir()
+    seen = []
+    build(cfg(tiny_collection, out, tiny_checkpoint), on_batch=seen.append)
+    assert len(seen) == 1  # only the third (last) batch of 2 images was encoded again
+    a, b = _snapshot(ref), _snapshot(out)
+    assert a["items"] == b["items"]
+    for key in a:
+        if key != "items":
+            assert np.array_equal(a[key], b[key]), key
+    assert not (tmp_path / "index.partial").exists()
+
+
+def test_token_forms_bytes_and_fidelity(tiny_collection, tiny_checkpoint, tmp_path):
+    from indexer.tokenstore import TokenCodec
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for form, nbytes, tol in (("fp16", 64, 1e-3), ("int8", 34, 0.02), ("pq8", 8, None)):
+        c = TokenCodec(form, 32)
+        if c.needs_training:
+            c.train(x)
+        codes = c.encode(x)
+        assert codes.shape == (600, nbytes) and codes.dtype == np.uint8
+        y = c.decode(codes)
+        cos = (x * y).sum(1)
+        if tol is not None:
+            assert cos.min() > 1 - tol
+        else:
+            assert cos.mean() > 0.6  # 8 bytes for 32 dims: lossy but far from random
+        c2 = TokenCodec.from_bytes(form, 32, c.to_bytes())
+        assert np.array_equal(c2.decode(codes), y)
+    # a pq build of a collection too small to train says so
+    with pytest.raises(BuildError, match="needs >= 256"):
+        build(cfg(tiny_collection, tmp_path / "pq", tiny_checkpoint, tokens="pq8"))
+
+
+def test_faiss_kinds_remove_and_recall():
+    from indexer import faiss_index
+    from indexer.config import choose_faiss
+
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((20, 16)).astype(np.float32)
+    x = centers[rng.integers(0, 20, 2000)] + 0.3 * rng.standard_normal((2000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(2000, dtype=np.int64) * 3 + 7
+    q = x[:50]
+    flat = faiss_index.build_index(x, ids, choose_faiss(2000, 16, "flat"))
+    _, ref = faiss_index.search(flat, q, 10, choose_faiss(2000, 16, "flat"))
+    assert (ref[:, 0] == ids[:50]).all()
+    for kind in ("ivf", "hnsw", "ivfpq"):
+        p = choose_faiss(2000, 16, kind)
+        index = faiss_index.build_index(x, ids, p)
+        _, got = faiss_index.search(index, q, 10, p)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ref, got)])
+        assert recall > (0.3 if kind == "ivfpq" else 0.9), (kind, recall)  # PQ4 on 16-d is coarse
+        # tombstones are excluded even where FAISS cannot remove (HNSW)
+        _, got = faiss_index.search(index, q[:1], 5, p, deny=ids[:1])
+        assert ids[0] not in got
+    assert choose_faiss(1000, 256).kind == "flat"
+    assert choose_faiss(1_000_000, 256).kind == "ivf"
+    assert choose_faiss(10_000_000, 256).kind == "ivfpq"
+    assert faiss_index.remove_ids(flat, ids[:3]) == 3 and flat.ntotal == 1997
+
+
+def test_inputs_coco_csv_and_images_only(tmp_path):
+    from indexer.inputs import InputError, read_source
+
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "sub/b.png", "sub/c.webp"):
+        Image.new("RGB", (8, 8), "red").save(root / name)
+    (root / "notes.txt").write_text("x")
+    src = read_source(root)
+    assert [e.path for e in src.entries] == ["a.jpg", "sub/b.png", "sub/c.webp"]
+    coco = tmp_path / "cap.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "license": 3},
+                                           {"id": 2, "file_name": "gone.jpg"}],
+                                "annotations": [{"image_id": 1, "caption": "a red square"},
+                                                {"image_id": 2, "caption": "lost"}]}))
+    src = read_source(root, coco)
+    assert src.entries[0].captions == ["a red square"] and src.entries[0].meta == {"coco_id": 1, "license": 3}
+    assert src.missing == [{"path": "gone.jpg", "reason": "named in the captions file but not found"}]
+    csvf = tmp_path / "cap.csv"
+    csvf.write_text("image,caption,source\nsub/b.png,blue thing,web\nsub/b.png,second,web\n")
+    src = read_source(root, csvf)
+    e = next(e for e in src.entries if e.path == "sub/b.png")
+    assert e.captions == ["blue thing", "second"] and e.meta == {"source": "web"}
+    with pytest.raises(InputError):
+        read_source(tmp_path / "nope")
+
+
+def test_cli_build_info_and_user_errors(tiny_collection, tiny_checkpoint, tmp_path, capsys):
+    from indexer.cli import main
+
+    out = tmp_path / "idx"
+    args = ["build", "--images", str(tiny_collection), "--captions", str(tiny_collection / "pairs.jsonl"),
+            "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--workers", "0", "--quiet"]
+    assert main(args) == 0
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["info", str(out), "--json", "--verify"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["images"] == 6 and info["captions"] == 12 and info["token_bytes_per_image"] == 16 * 64
+    assert all(len(f["sha256"]) == 64 for f in info["files"].values()) and info["health"]["ok"]
+    for bad in (["build", "--images", str(tmp_path / "none"), "--out", str(tmp_path / "x")],
+                ["build", "--images", str(tiny_collection), "--out", str(tmp_path / "y"), "--tokens", "zip"],
+                ["info", str(tmp_path)],
+                args[:-4] + [str(tmp_path), "--workers", "0", "--overwrite"]):
+        assert main(bad) == 2, bad
+        err = capsys.readouterr().err
+        assert err.startswith("indexer: ") and len(err.strip().splitlines()) == 1, err
+    assert main(["search", str(out), "--text", "red dog", "--k", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
