@@ -107,12 +107,15 @@ def encode_texts_flat(encoder, texts: list[str], batch: int) -> tuple[np.ndarray
 
 
 class _Builder:
-    def __init__(self, cfg: BuildConfig, source: Source, encoder, folder: Path):
+    def __init__(self, cfg: BuildConfig, source: Source, encoder, folder: Path, segment: int = 0,
+                 id_base: int = 0, store_path: Callable[[str], str] | None = None):
         self.cfg, self.source, self.encoder, self.folder = cfg, source, encoder, folder
+        self.segment, self.id_base = segment, id_base
+        self.store_path = store_path or (lambda p: p)
         self.entries = source.entries
         n = len(self.entries)
         ncap = np.array([len(e.captions) for e in self.entries], dtype=np.int64)
-        self.cap_first = n + np.concatenate([[0], np.cumsum(ncap)[:-1]]) if n else np.zeros(0, np.int64)
+        self.cap_first = id_base + n + np.concatenate([[0], np.cumsum(ncap)[:-1]]) if n else np.zeros(0, np.int64)
         self.raws = {k: RawKind.at(folder, k) for k in KINDS}
         self.codecs: dict[str, TokenCodec] = {}
 
@@ -155,6 +158,7 @@ class _Builder:
         n_img = 0
         for i, (pos, sha) in enumerate(b.ok):
             e = self.entries[pos]
+            iid = self.id_base + pos
             if sha in seen:
                 img_keep[i] = False
                 orig_id, orig_path = seen[sha]
@@ -162,18 +166,19 @@ class _Builder:
                 metadata.report(con, e.path, "duplicate", f"same content as {orig_path} (id {orig_id}); "
                                 f"its {len(e.captions)} caption(s) attach to that image")
                 continue
-            seen[sha] = (pos, e.path)
-            owner[pos] = pos
-            rows.append((pos, "image", e.path, None, None, e.meta, sha, 0, seg_pos["image"] + n_img))
+            seen[sha] = (iid, self.store_path(e.path))
+            owner[pos] = iid
+            rows.append((iid, "image", self.store_path(e.path), None, None, e.meta, sha, self.segment,
+                         seg_pos["image"] + n_img))
             metadata.add_fields(con, e.meta)
             n_img += 1
         for j, (cid, pos, text) in enumerate(b.cap_items):
-            rows.append((cid, "caption", None, text, owner[pos], None, None, 0, seg_pos["caption"] + j))
+            rows.append((cid, "caption", None, text, owner[pos], None, None, self.segment, seg_pos["caption"] + j))
         # raw token files first, then the transaction that makes them count
         T = self.encoder_tokens
         keep_rows = np.repeat(img_keep, b.img_len) if len(b.img_len) else np.zeros(0, bool)
         self.raws["image"].append(self.codecs["image"].encode(b.img_tokens[keep_rows]), b.img_global[img_keep],
-                                  np.array([p for (p, _), k in zip(b.ok, img_keep) if k], dtype=np.int64),
+                                  np.array([self.id_base + p for (p, _), k in zip(b.ok, img_keep) if k], dtype=np.int64),
                                   b.img_len[img_keep], self.codecs["image"].row_bytes)
         self.raws["caption"].append(self.codecs["caption"].encode(b.cap_tokens), b.cap_global,
                                     np.array([c for c, _, _ in b.cap_items], dtype=np.int64), b.cap_len,
@@ -205,7 +210,7 @@ def _loader(cfg: BuildConfig, source: Source, start: int, preprocess) -> DataLoa
     return DataLoader(ds, **kw)
 
 
-def _train_codecs(builder: _Builder, pending: list[_Encoded], cfg: BuildConfig) -> None:
+def _train_codecs(builder: _Builder, pending: list[_Encoded], cfg: BuildConfig, codec_dir: Path) -> None:
     for kind in KINDS:
         codec = builder.codecs[kind]
         if not codec.needs_training:
@@ -220,7 +225,7 @@ def _train_codecs(builder: _Builder, pending: list[_Encoded], cfg: BuildConfig) 
             raise BuildError(f"--tokens {cfg.tokens}: only {x.shape[0]} {kind} token vectors to train the "
                              f"quantiser (needs >= 256); use fp16 or int8 for a collection this small")
         codec.train(x)
-        codec.save(builder.folder / CODEC[kind])
+        codec.save(codec_dir / CODEC[kind])
 
 
 def open_encoder(checkpoint: str | None, device: str | None):
@@ -234,13 +239,16 @@ def open_encoder(checkpoint: str | None, device: str | None):
 
 
 def encode_into(folder: Path, cfg: BuildConfig, source: Source, encoder,
-                on_batch: Callable[[int], None] | None = None) -> dict:
-    """Encode `source` into raw files + SQLite inside `folder`, resuming from its progress."""
+                on_batch: Callable[[int], None] | None = None, db: Path | None = None, codec_dir: Path | None = None,
+                **builder_kw) -> dict:
+    """Encode `source` into raw files inside `folder` and rows into the SQLite `db` (default
+    folder/meta.sqlite), resuming from the progress recorded there."""
     folder.mkdir(parents=True, exist_ok=True)
-    con = metadata.connect(folder / META)
-    builder = _Builder(cfg, source, encoder, folder)
+    con = metadata.connect(db or folder / META)
+    builder = _Builder(cfg, source, encoder, folder, **builder_kw)
+    codec_dir = codec_dir or folder
     for kind in KINDS:
-        builder.codecs[kind] = TokenCodec.load(cfg.tokens, encoder.dim, folder / CODEC[kind])
+        builder.codecs[kind] = TokenCodec.load(cfg.tokens, encoder.dim, codec_dir / CODEC[kind])
     prog = metadata.get_progress(con)
     start = int(prog.get("position", 0))
     for kind in KINDS:
@@ -249,7 +257,7 @@ def encode_into(folder: Path, cfg: BuildConfig, source: Source, encoder,
         for m in source.missing:
             metadata.report(con, m["path"], "missing", m["reason"])
         con.commit()
-    seen = {r["sha256"]: (r["id"], r["path"]) for r in con.execute("SELECT id, path, sha256 FROM items WHERE kind='image'")}
+    seen = {r["sha256"]: (r["id"], r["path"]) for r in con.execute("SELECT id, path, sha256 FROM items WHERE kind='image' AND deleted=0")}
     n = len(source.entries)
     need_training = any(c.needs_training for c in builder.codecs.values())
     pending: list[_Encoded] = []
@@ -266,7 +274,7 @@ def encode_into(folder: Path, cfg: BuildConfig, source: Source, encoder,
                 pending_tokens += len(b.img_tokens)
                 if pending_tokens < cfg.codec_train_tokens:
                     continue
-                _train_codecs(builder, pending, cfg)
+                _train_codecs(builder, pending, cfg, codec_dir)
                 need_training = False
                 todo, pending = pending, []
             else:
@@ -277,7 +285,7 @@ def encode_into(folder: Path, cfg: BuildConfig, source: Source, encoder,
                 if on_batch is not None:
                     on_batch(batches)
     if need_training:  # the whole collection fitted in the training sample
-        _train_codecs(builder, pending, cfg)
+        _train_codecs(builder, pending, cfg, codec_dir)
         for bb in pending:
             builder.write(con, bb, seen)
             batches += 1

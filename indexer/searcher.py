@@ -314,14 +314,13 @@ class Searcher(IndexStore):
         return None if r is None else metadata.item_dict(r)
 
     def image_path(self, id: int) -> Path | None:
-        """The file of a live image item, only if it is inside the indexed images root."""
+        """The file of a live image item: only paths the index itself holds, never a caller's."""
         r = self._con().execute("SELECT path FROM items WHERE id=? AND kind='image' AND deleted=0",
                                 (int(id),)).fetchone()
         if r is None:
             return None
-        root = Path(self.manifest.images_root).resolve()
-        p = (root / r["path"]).resolve()
-        return p if root in p.parents and p.is_file() else None
+        p = (Path(self.manifest.images_root) / r["path"]).resolve()  # stored paths may be absolute (adds)
+        return p if p.is_file() else None
 
     def rerank_cost(self, candidates: int = 100, repeats: int = 5) -> float:
         """Measured seconds per re-ranked candidate (gather + MrSw), cached after the first call."""

@@ -299,3 +299,59 @@ def test_cli_build_info_and_user_errors(tiny_collection, tiny_checkpoint, tmp_pa
         assert err.startswith("indexer: ") and len(err.strip().splitlines()) == 1, err
     assert main(["search", str(out), "--text", "red dog", "--k", "2"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def _extra_collection(root: Path, n: int = 3, seed: int = 5) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    with (root / "pairs.jsonl").open("w") as f:
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8)).save(root / "images" / f"new{i}.png")
+            f.write(json.dumps({"image": f"images/new{i}.png", "captions": [f"zebra number {i} jumps"],
+                                "split": "extra", "n": 100 + i}) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("faiss_kind", ["flat", "hnsw"])
+def test_add_remove_compact(tiny_collection, tiny_checkpoint, tmp_path, faiss_kind):
+    from indexer.info import index_info
+    from indexer.maintain import add, compact, remove
+
+    out = tmp_path / "index"
+    build(cfg(tiny_collection, out, tiny_checkpoint, faiss=faiss_kind))
+    extra = _extra_collection(tiny_collection / "more")  # inside the images root
+    m = add(out, images=str(extra), captions=str(extra / "pairs.jsonl"), workers=0, progress=False)
+    assert m.counts["images"] == 9 and m.counts["captions"] == 15 and len(m.segments) == 2
+    s = Searcher(out)
+    new_ids = sorted(int(i) for i in s.tables["image"].ids if i >= 18)
+    assert len(new_ids) == 3 and s.item(new_ids[0])["path"] == "more/images/new0.png"
+    assert s.image_path(new_ids[0]) is not None
+    img = Image.open(extra / "images" / "new1.png")
+    hit = s.search_image(img, k=1, target="images").hits[0]
+    assert hit.id == new_ids[1] and hit.metadata["split"] == "extra"
+    caps = s.search_image(img, k=15, target="captions", filters={"split": "extra"}).hits
+    assert {h.image_id for h in caps} == set(new_ids)
+    # adding the same files again adds nothing and says why
+    m = add(out, images=str(extra), captions=str(extra / "pairs.jsonl"), workers=0, progress=False)
+    assert m.counts["images"] == 9
+    # remove an image by path: it and its captions vanish from every search
+    n = remove(out, paths=["images/img2.jpg"])
+    assert n == {"images": 1, "captions": 2}
+    s = Searcher(out)
+    for q in ("red dog", "blue cat sits", "snow beach"):
+        ids = {h.id for h in s.search_text(q, k=9).hits}
+        assert 2 not in ids and len(ids) == 8
+    caps = s.search_image(Image.open(tiny_collection / "images" / "img2.jpg"), k=20, target="captions").hits
+    assert all(h.image_id != 2 for h in caps) and len(caps) == 13
+    assert s.item(2) is None
+    info = index_info(out, verify=True)
+    assert info["images"] == 8 and info["deleted_images"] == 1 and info["health"]["ok"]
+    with pytest.raises(ValueError, match="not in the index"):
+        remove(out, ids=[2])
+    before = [(h.id, round(h.score, 4)) for h in s.search_text("red dog runs", k=5).hits]
+    m = compact(out)
+    assert m.segments == ["tokens-000.h5"] and m.counts["deleted_images"] == 0 and m.counts["images"] == 8
+    s = Searcher(out)
+    assert [(h.id, round(h.score, 4)) for h in s.search_text("red dog runs", k=5).hits] == before
+    assert index_info(out, verify=True)["health"]["ok"]
+    assert not list(tmp_path.glob("index.*"))  # no staging or old copies left behind

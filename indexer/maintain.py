@@ -1,0 +1,250 @@
+"""Incremental maintenance: `add` (a new segment), `remove` (tombstones), `compact` (rewrite).
+
+Every operation works on a staging copy -- unchanged immutable files (token segments,
+codecs) are hard-linked, the small mutable ones (SQLite, FAISS, manifest) copied -- and then
+swaps it in with renames, so a reader never sees a half-updated index and a failure leaves the
+old index as it was. Adds encode only the new items and add their vectors to the existing FAISS
+galleries (IVF lists keep their trained centroids), so they never need a full rebuild.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import faiss_index, metadata
+from .build import BuildError, encode_into, open_encoder
+from .config import BuildConfig, choose_faiss
+from .inputs import read_source
+from .manifest import CODEC, FAISS, META, REPORT, Manifest, file_entries, read_manifest, write_manifest
+from .tokenstore import KINDS, RawKind, Segment, gather_rows, write_segment
+
+MUTABLE = {META, *FAISS.values(), "manifest.json", REPORT}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _stage(index: Path) -> Path:
+    staging = index.with_name(index.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for f in index.iterdir():
+        if not f.is_file():
+            continue
+        if f.name in MUTABLE:
+            shutil.copy2(f, staging / f.name)
+        else:
+            try:
+                os.link(f, staging / f.name)
+            except OSError:  # filesystems without hard links
+                shutil.copy2(f, staging / f.name)
+    return staging
+
+
+def _swap(index: Path, staging: Path) -> None:
+    old = index.with_name(f"{index.name}.old-{os.getpid()}")
+    os.replace(index, old)
+    os.replace(staging, index)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _refresh(staging: Path, m: Manifest, changed: list[str]) -> Manifest:
+    """Recount from SQLite, re-hash only the files that changed, write the manifest."""
+    con = metadata.connect(staging / META)
+    counts = {}
+    for kind, name in (("image", "images"), ("caption", "captions")):
+        total, dead = con.execute("SELECT count(*), coalesce(sum(deleted), 0) FROM items WHERE kind=?",
+                                  (kind,)).fetchone()
+        counts[name], counts[f"deleted_{name}"] = int(total), int(dead)
+    problems = metadata.read_report(con)
+    con.close()
+    summary = {k: sum(1 for p in problems if p["problem"] == k) for k in ("skipped", "duplicate", "missing")}
+    (staging / REPORT).write_text(json.dumps({"summary": summary, "problems": problems}, indent=2) + "\n")
+    files = dict(m.files)
+    for name in {*changed, REPORT, META}:
+        files.update(file_entries(staging, [name]))
+    m = m.model_copy(update={"counts": counts, "files": files, "updated": _now(),
+                             "build": {**m.build, **summary}})
+    write_manifest(staging, m)
+    return m
+
+
+def add(index: str | Path, images: str, captions: str | None = None, split: str | None = None,
+        batch_size: int = 64, workers: int = 1, device: str | None = None, progress: bool = True,
+        encoder=None) -> Manifest:
+    """Encode new images (and their captions) into a new segment of an existing index."""
+    from encoder.model import checkpoint_digest
+
+    index = Path(index)
+    m = read_manifest(index)
+    source = read_source(images, captions, split)
+    encoder = encoder or open_encoder(m.checkpoint, device)
+    if encoder.dim != m.dim or checkpoint_digest(m.checkpoint) != m.checkpoint_digest:
+        raise BuildError(f"{index} was built with checkpoint {m.checkpoint_digest[:12]}; its encoder changed since")
+    root = Path(m.images_root).resolve()
+
+    def store_path(rel: str) -> str:
+        p = (source.root / rel).resolve()
+        return p.relative_to(root).as_posix() if root in p.parents else str(p)
+
+    staging = _stage(index)
+    try:
+        con = metadata.connect(staging / META)
+        known = {r[0] for r in con.execute("SELECT path FROM items WHERE kind='image' AND deleted=0")}
+        fresh = [e for e in source.entries if store_path(e.path) not in known]
+        for e in source.entries:
+            if store_path(e.path) in known:
+                metadata.report(con, store_path(e.path), "duplicate", "already in the index (same path)")
+        next_id = int(con.execute("SELECT coalesce(max(id), -1) + 1 FROM items").fetchone()[0])
+        metadata.set_progress(con, {"position": 0, "raw": {}})
+        con.commit()
+        con.close()
+        source.entries = fresh
+        seg_no = len(m.segments)
+        seg_name = f"tokens-{seg_no:03d}.h5"
+        work = staging / "add.work"
+        cfg = BuildConfig(images=str(source.root), captions=captions, out=str(index), tokens=m.token_form,
+                          batch_size=batch_size, workers=workers, progress=progress)
+        if fresh:
+            encode_into(work, cfg, source, encoder, db=staging / META, codec_dir=staging, segment=seg_no,
+                        id_base=next_id, store_path=store_path)
+        else:
+            work.mkdir()
+        raws = {k: RawKind.at(work, k) for k in KINDS}
+        from .tokenstore import TokenCodec
+
+        row_bytes = TokenCodec.load(m.token_form, m.dim, staging / CODEC["image"]).row_bytes
+        counts = write_segment(staging / seg_name, raws, m.token_form, m.dim, row_bytes)
+        changed = [seg_name]
+        seg = Segment(staging / seg_name)
+        for kind in KINDS:
+            if counts[kind]:
+                idx = faiss_index.load(staging / FAISS[kind])
+                faiss_index.add_vectors(idx, seg.kinds[kind]["global"], seg.kinds[kind]["ids"])
+                (staging / FAISS[kind]).unlink()  # never write through to the live copy
+                faiss_index.save(idx, staging / FAISS[kind])
+                changed.append(FAISS[kind])
+        del seg
+        shutil.rmtree(work)
+        changed += [CODEC[k] for k in KINDS if (staging / CODEC[k]).is_file() and CODEC[k] not in m.files]
+        m = m.model_copy(update={"segments": [*m.segments, seg_name]})
+        m = _refresh(staging, m, changed)
+        _swap(index, staging)
+        return m
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def remove(index: str | Path, ids: list[int] | None = None, paths: list[str] | None = None) -> dict[str, int]:
+    """Tombstone images (with their captions) or single captions; FAISS drops them where it can."""
+    index = Path(index)
+    m = read_manifest(index)
+    ids, paths = list(ids or []), list(paths or [])
+    if not ids and not paths:
+        raise ValueError("nothing to remove: give --ids and/or --paths")
+    staging = _stage(index)
+    try:
+        con = metadata.connect(staging / META)
+        unknown = []
+        img_ids, cap_ids = set(), set()
+        for i in ids:
+            r = con.execute("SELECT kind FROM items WHERE id=? AND deleted=0", (int(i),)).fetchone()
+            if r is None:
+                unknown.append(str(i))
+            else:
+                (img_ids if r[0] == "image" else cap_ids).add(int(i))
+        for p in paths:
+            rows = con.execute("SELECT id FROM items WHERE kind='image' AND path=? AND deleted=0", (p,)).fetchall()
+            if not rows:
+                unknown.append(p)
+            img_ids.update(r[0] for r in rows)
+        if unknown:
+            raise ValueError(f"not in the index (or already removed): {', '.join(unknown[:10])}")
+        for i in img_ids:
+            cap_ids.update(r[0] for r in con.execute("SELECT id FROM items WHERE image_id=? AND deleted=0", (i,)))
+        all_ids = sorted(img_ids | cap_ids)
+        con.executemany("UPDATE items SET deleted=1 WHERE id=?", [(i,) for i in all_ids])
+        con.commit()
+        con.close()
+        for kind, chosen in (("image", img_ids), ("caption", cap_ids)):
+            if chosen:
+                idx = faiss_index.load(staging / FAISS[kind])
+                faiss_index.remove_ids(idx, np.array(sorted(chosen), dtype=np.int64))
+                faiss_index.save(idx, staging / FAISS[kind])
+        _refresh(staging, m, list(FAISS.values()))
+        _swap(index, staging)
+        return {"images": len(img_ids), "captions": len(cap_ids)}
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def compact(index: str | Path, chunk: int = 4096) -> Manifest:
+    """Rewrite live items into one segment (ids unchanged), rebuild FAISS by the `auto` rule."""
+    index = Path(index)
+    m = read_manifest(index)
+    staging = index.with_name(index.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        for k in KINDS:
+            if (index / CODEC[k]).is_file():
+                shutil.copy2(index / CODEC[k], staging / CODEC[k])
+        src = metadata.connect(index / META, readonly=True)
+        dst = metadata.connect(staging / META)
+        segs = [Segment(index / s) for s in m.segments]
+        raws = {k: RawKind.at(staging, k) for k in KINDS}
+        for kind in KINDS:
+            rows = src.execute("SELECT * FROM items WHERE kind=? AND deleted=0 ORDER BY id", (kind,)).fetchall()
+            for s in range(0, len(rows), chunk):
+                part = rows[s:s + chunk]
+                seg_of = np.array([r["segment"] for r in part])
+                pos = np.array([r["pos"] for r in part])
+                codes, glob, lens = [], [], []
+                for i, r in enumerate(part):  # keep id order; consecutive runs share a segment
+                    d = segs[int(seg_of[i])].kinds[kind]
+                    c, ln = gather_rows(d["rows"], d["offsets"][pos[i:i + 1]], d["lengths"][pos[i:i + 1]])
+                    codes.append(c)
+                    glob.append(d["global"][pos[i]])
+                    lens.append(int(ln[0]))
+                raws[kind].append(np.concatenate(codes), np.stack(glob), np.array([r["id"] for r in part]),
+                                  np.array(lens, dtype=np.int64), m.token_row_bytes)
+                metadata.insert_items(dst, [(r["id"], r["kind"], r["path"], r["caption"], r["image_id"],
+                                             json.loads(r["meta"]), r["sha256"], 0, s + j)
+                                            for j, r in enumerate(part)])
+        dst.executemany("INSERT INTO report(path, problem, reason) VALUES (?,?,?)",
+                        [tuple(r) for r in src.execute("SELECT path, problem, reason FROM report ORDER BY seq")])
+        dst.executemany("INSERT OR IGNORE INTO fields(name) VALUES (?)", [tuple(r) for r in src.execute("SELECT name FROM fields")])
+        metadata.set_progress(dst, {"finished": True, "compacted": _now()})
+        dst.commit()
+        dst.close()
+        src.close()
+        del segs
+        seg_name = "tokens-000.h5"
+        write_segment(staging / seg_name, raws, m.token_form, m.dim, m.token_row_bytes)
+        for r in raws.values():
+            r.remove()
+        seg = Segment(staging / seg_name)
+        fparams = {}
+        option = m.build.get("faiss_option", "auto")
+        for kind in KINDS:
+            vec, ids = seg.kinds[kind]["global"], seg.kinds[kind]["ids"]
+            p = choose_faiss(len(ids), m.dim, option if len(ids) else "flat")
+            fparams[kind] = p
+            faiss_index.save(faiss_index.build_index(vec, ids, p), staging / FAISS[kind])
+        del seg
+        files = [seg_name, *FAISS.values(), *[CODEC[k] for k in KINDS if (staging / CODEC[k]).is_file()]]
+        m = m.model_copy(update={"segments": [seg_name], "faiss": fparams, "files": file_entries(staging, files)})
+        m = _refresh(staging, m, files)
+        _swap(index, staging)
+        return m
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
