@@ -8,7 +8,7 @@
 # Environment: SMOKE_IMAGES (photos indexed, default 64), SMOKE_PORT (18000), SMOKE_QUERY,
 # BASE_IMAGE (default: python:3.11-slim when present or pullable, else a debootstrapped
 # local/python-base:bookworm), FLICKR (collection to sample; default ../shared/data/flickr8k),
-# SMOKE_OFFLINE (1 = install from docker/wheels only; default 1 — on this box containers cannot
+# SMOKE_NO_CACHE (1 = docker build --no-cache, for a cold-build time), SMOKE_OFFLINE (1 = install from docker/wheels only; default 1 — on this box containers cannot
 # verify PyPI's TLS behind the proxy, and download.pytorch.org is unreachable).
 # Needs: a running dockerd, docker-compose, and for the local base debootstrap + root.
 # Runs outside CI (CI only validates the compose file: tests/test_compose.py).
@@ -84,8 +84,11 @@ fi
 
 # ------------------------------------------------------------------ build
 log "building $TAG"
+BUILD_CACHE=layers
+NOCACHE=()
+[ "${SMOKE_NO_CACHE:-0}" = 1 ] && { NOCACHE=(--no-cache); BUILD_CACHE=none; }
 t0=$(now)
-docker build -q -f docker/Dockerfile --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg PIP_OFFLINE="$OFFLINE" \
+docker build -q "${NOCACHE[@]}" -f docker/Dockerfile --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg PIP_OFFLINE="$OFFLINE" \
   -t "$TAG" . >/dev/null || die "image build failed"
 BUILD_S=$(elapsed "$t0")
 SIZE=$(docker image inspect -f '{{.Size}}' "$TAG")
@@ -163,15 +166,24 @@ UP_S=$(elapsed "$t0")
 log "healthy and ready after ${UP_S}s (index build ${INDEX_S}s)"
 
 # ------------------------------------------------------------------ search
-BODY=$("$PY" -c 'import json,sys; print(json.dumps({"query": sys.argv[1], "k": 5}))' "$QUERY")
-curl -sf -X POST "http://127.0.0.1:$PORT/search/text" -H 'content-type: application/json' -d "$BODY" >/dev/null \
-  || die "search failed"
-t0=$(now)
-ANSWER=$(curl -sf -X POST "http://127.0.0.1:$PORT/search/text" -H 'content-type: application/json' -d "$BODY") \
-  || die "search failed"
-SEARCH_S=$(elapsed "$t0")
-echo "$ANSWER" > "$WORK/answer.json"
-log "search answered in ${SEARCH_S}s"
+# one warm-up, then 20 timed round trips over HTTP; the median goes in the record
+SEARCH_MS=$("$PY" - "http://127.0.0.1:$PORT/search/text" "$QUERY" "$WORK/answer.json" <<'EOF'
+import json, statistics, sys, time, urllib.request
+url, query, out = sys.argv[1:4]
+body = json.dumps({"query": query, "k": 5}).encode()
+def call():
+    req = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read()
+call()
+times = []
+for _ in range(20):
+    t0 = time.perf_counter(); answer = call(); times.append((time.perf_counter() - t0) * 1000)
+open(out, "wb").write(answer)
+print(f"{statistics.median(times):.1f}")
+EOF
+) || die "search failed"
+log "search: median ${SEARCH_MS} ms over 20 calls"
 
 # ------------------------------------------------------------------ down + record
 dc down -v --remove-orphans >/dev/null 2>&1
@@ -180,7 +192,7 @@ log "down"
 if [ "$RECORD" = 1 ]; then
   "$PY" bench/bench_deploy.py record-smoke --answer "$WORK/answer.json" --query "$QUERY" --images "$N" \
     --base "$BASE_IMAGE" --tag "$TAG" --size-bytes "$SIZE" --build-s "$BUILD_S" --index-s "$INDEX_S" \
-    --up-s "$UP_S" --search-s "$SEARCH_S" --model "$MODEL" --offline "$OFFLINE" \
-    --command "bench/docker_smoke.sh $*"
+    --up-s "$UP_S" --search-ms "$SEARCH_MS" --build-cache "$BUILD_CACHE" --model "$MODEL" --offline "$OFFLINE" \
+    --command "SMOKE_IMAGES=$N SMOKE_NO_CACHE=${SMOKE_NO_CACHE:-0} bench/docker_smoke.sh $*"
 fi
-"$PY" -c 'import json,sys; a=json.load(open(sys.argv[1])); [print(h.get("score"), h.get("path")) for h in a["hits"]]' "$WORK/answer.json"
+"$PY" -c 'import json,sys; a=json.load(open(sys.argv[1])); [print(h["id"], round(h["score"], 4), h["image_url"]) for h in a["hits"]]' "$WORK/answer.json"
