@@ -1,0 +1,214 @@
+"""HTTP latency/throughput of `/search/text` (mode=rerank vs mode=global) and a bounded load run.
+
+    .venv/bin/python bench/bench_service.py --index DIR          # a prebuilt index (e.g. the 1M synthetic one)
+    .venv/bin/python bench/bench_service.py --images 2000        # no index at hand: builds a small one here
+
+Starts `service --index DIR` on 127.0.0.1 (a subprocess, as users run it), warms it, then with
+`wrk` (Debian package `wrk`; the client costs little CPU next to the server on 2 cores):
+  * concurrency 1, 20 s per mode: p50 / p99 latency;
+  * concurrency 8, 20 s per mode: requests/s;
+  * a bounded run of 10,000 re-rank requests at concurrency 32: error count and server RSS
+    before/after.
+k=10 results from K=100 candidates. Results go to the "Service: HTTP latency" section of
+BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_service_common import Served, rss_mib, tiny_index, write_section  # noqa: E402
+
+QUERIES = ["a dog runs on the beach", "two children play in the snow", "a man rides a bike", "a black cat sits",
+           "people walk down a busy street", "a girl in a red dress", "a brown dog jumps over a fence",
+           "a boy swims in the pool", "a woman holds an umbrella", "climbers on a rocky mountain"]
+
+LUA = r"""
+local queries = {%(queries)s}
+local mode = "%(mode)s"
+local limit = %(limit)d
+local counter = 0
+request = function()
+  local q = queries[math.random(#queries)]
+  local body = '{"query": "' .. q .. '", "k": 10, "candidates": %(k)d, "mode": "' .. mode .. '"}'
+  return wrk.format("POST", "/search/text", {["Content-Type"] = "application/json"}, body)
+end
+response = function(status, headers, body)
+  counter = counter + 1
+  if limit > 0 and counter >= limit then wrk.thread:stop() end
+end
+done = function(summary, latency, requests)
+  io.write(string.format('RESULT {"p50_us": %%f, "p99_us": %%f, "requests": %%d, "duration_us": %%d, ' ..
+    '"status_errors": %%d, "connect": %%d, "read": %%d, "write": %%d, "timeout": %%d}\n',
+    latency:percentile(50), latency:percentile(99), summary.requests, summary.duration, summary.errors.status,
+    summary.errors.connect, summary.errors.read, summary.errors.write, summary.errors.timeout))
+end
+"""
+
+
+def wrk(url: str, mode: str, conns: int, seconds: int, limit_per_thread: int = 0, k: int = 100,
+        threads: int = 1) -> dict:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(LUA % {"queries": ", ".join(json.dumps(q) for q in QUERIES), "mode": mode,
+                             "limit": limit_per_thread, "k": k})
+    cmd = ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "30s", "-s", str(script),
+           url + "/search/text"]
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no result:\n{out}")
+    r = json.loads(line[len("RESULT "):])
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    r["errors"] = r["status_errors"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
+    return r
+
+
+def bounded(url: str, total: int, conns: int) -> dict:
+    """Exactly `total` re-rank requests over `conns` keep-alive connections (wrk runs by time only)."""
+    import asyncio
+
+    import httpx
+
+    async def run() -> dict:
+        codes: dict[str, int] = {}
+        lat: list[float] = []
+        left = iter(range(total))
+
+        async def worker(c: httpx.AsyncClient) -> None:
+            for i in left:
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post(url + "/search/text", json={"query": QUERIES[i % len(QUERIES)], "k": 10,
+                                                                 "candidates": 100, "mode": "rerank"})
+                    key = str(r.status_code)
+                except httpx.HTTPError as e:
+                    key = type(e).__name__
+                lat.append(time.perf_counter() - t0)
+                codes[key] = codes.get(key, 0) + 1
+
+        limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
+        t0 = time.perf_counter()
+        async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+            await asyncio.gather(*(worker(c) for _ in range(conns)))
+        took = time.perf_counter() - t0
+        lat.sort()
+        return {"requests": len(lat), "seconds": took, "rps": len(lat) / took, "codes": codes,
+                "errors": sum(v for k, v in codes.items() if k != "200"),
+                "p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[int(len(lat) * 0.99)] * 1e3}
+
+    return asyncio.run(run())
+
+
+def warm(url: str, n: int = 60) -> None:
+    import httpx
+
+    with httpx.Client(timeout=60) as c:
+        for i in range(n):
+            for mode in ("rerank", "global"):
+                r = c.post(url + "/search/text", json={"query": QUERIES[i % len(QUERIES)], "k": 10,
+                                                       "candidates": 100, "mode": mode})
+                r.raise_for_status()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--index", type=Path, help="index to serve (default: build a small one with --images)")
+    p.add_argument("--synthetic", type=int, help="build an N-image synthetic index with the indexer's "
+                   "bench/bench_indexer_1m.py (real model, vectors around real Flickr8k embeddings) and serve it")
+    p.add_argument("--workdir", type=Path, help="where --synthetic builds (reused when the index is already there)")
+    p.add_argument("--images", type=int, default=2000, help="images in the fallback index built here")
+    p.add_argument("--seconds", type=int, default=20)
+    p.add_argument("--load-requests", type=int, default=10_000)
+    p.add_argument("--search-threads", type=int, default=2)
+    p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--faiss-threads", type=int, default=1)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    if shutil.which("wrk") is None:
+        print("bench_service: needs `wrk` (apt-get install wrk)", file=sys.stderr)
+        return 2
+    note = ""
+    index = args.index
+    if index is None and args.synthetic:
+        work = args.workdir or Path(tempfile.mkdtemp(prefix="svc-bench-syn-"))
+        index = work / "index1m"  # the indexer bench's output name, whatever N is
+        if not (index / "manifest.json").is_file():
+            subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "bench_indexer_1m.py"), "--n",
+                            str(args.synthetic), "--workdir", str(work), "--keep", "--real", "64"], check=True)
+        if args.synthetic < 1_000_000:
+            note = (f"**Index: {args.synthetic:,} synthetic images (the indexer's 1M builder run with --n "
+                    f"{args.synthetic}), not 1M: time ran out for a 1M build on the shared 2 cores.**")
+    if index is None:
+        tmp = Path(tempfile.mkdtemp(prefix="svc-bench-"))
+        print(f"building a {args.images}-image index with random tiny backbones in {tmp} ...", file=sys.stderr)
+        index = tiny_index(tmp, n_images=args.images)
+        note = (f"**Index: {args.images} images built here with random *tiny* backbones (dim 32, 4x4 grid) — NOT the "
+                "1M-image synthetic index; encode cost is far below the real text encoder's.**")
+    env = {"SERVICE_SEARCH_THREADS": str(args.search_threads), "SERVICE_TORCH_THREADS": str(args.torch_threads),
+           "SERVICE_FAISS_THREADS": str(args.faiss_threads)}
+    results: dict[str, dict] = {}
+    load_avg = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    with Served(index, env=env) as s:
+        t0 = time.time()
+        ready = s.wait_ready()
+        load_s = time.time() - t0
+        info = ready.get("info") or {}
+        warm(s.url)
+        for mode in ("rerank", "global"):
+            results[f"{mode}-c1"] = wrk(s.url, mode, 1, args.seconds)
+            results[f"{mode}-c8"] = wrk(s.url, mode, 8, args.seconds, threads=2)
+            print(mode, results[f"{mode}-c1"], results[f"{mode}-c8"], file=sys.stderr)
+        rss_before = rss_mib(s.proc.pid)
+        load = bounded(s.url, args.load_requests, 32)
+        rss_after = rss_mib(s.proc.pid)
+        print("load", load, rss_before, rss_after, file=sys.stderr)
+        import httpx
+
+        metrics = httpx.get(s.url + "/metrics").text
+    errors_5xx = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                     if line.startswith("service_errors_total") and 'status="5' in line)
+    r1, g1, r8, g8 = (results[k] for k in ("rerank-c1", "global-c1", "rerank-c8", "global-c8"))
+    faiss = info.get("faiss", {}).get("image", {})
+    how = (f"--index {args.index}" if args.index else f"--synthetic {args.synthetic}" if args.synthetic
+           else f"--images {args.images}")
+    body = f"""Command: `.venv/bin/python bench/bench_service.py {how}` (client: `wrk`, same machine, loopback; server: `service --index`, 1 process,
+search_threads={args.search_threads}, torch_threads={args.torch_threads}, faiss_threads={args.faiss_threads};
+k=10 results from K=100 candidates; warm; {args.seconds} s per cell).
+
+{note}
+
+Index: {info.get('images')} images, {info.get('captions')} captions, dim {info.get('dim')}, grid {info.get('grid')},
+tokens {info.get('token_form')}, FAISS image index `{faiss.get('factory', '?')}`, model
+`{(info.get('model') or {}).get('text_backbone')}` text backbone; load + warm-up {load_s:.1f} s.
+
+| /search/text | p50 ms (c=1) | p99 ms (c=1) | req/s (c=8) | p50 ms (c=8) | p99 ms (c=8) |
+|---|---|---|---|---|---|
+| mode=rerank (K=100) | {r1['p50_us'] / 1e3:.2f} | {r1['p99_us'] / 1e3:.2f} | {r8['rps']:.0f} | {r8['p50_us'] / 1e3:.2f} | {r8['p99_us'] / 1e3:.2f} |
+| mode=global | {g1['p50_us'] / 1e3:.2f} | {g1['p99_us'] / 1e3:.2f} | {g8['rps']:.0f} | {g8['p50_us'] / 1e3:.2f} | {g8['p99_us'] / 1e3:.2f} |
+| ratio rerank/global | {r1['p50_us'] / g1['p50_us']:.2f} | {r1['p99_us'] / g1['p99_us']:.2f} | {r8['rps'] / g8['rps']:.2f} | | |
+
+Targets (issue 4): rerank p50 <= 15 ms, p99 <= 40 ms at c=1; >= 150 req/s at c=8.
+
+Bounded load run (mode=rerank, concurrency 32, Python httpx async client): {load['requests']} requests in
+{load['seconds']:.1f} s ({load['rps']:.0f} req/s, client-side p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms);
+errors: {load['errors']} (status codes {load['codes']}); server 5xx over the whole run (from /metrics):
+{errors_5xx:.0f}; server RSS {rss_before:.0f} MiB before -> {rss_after:.0f} MiB after ({rss_after - rss_before:+.0f} MiB).
+
+Machine load while measuring: load average {load_avg} at the start (2 cores shared with other work: a training
+run and other engineers' builds were running, so absolute latencies are pessimistic; compare the ratios).
+"""
+    print(body)
+    if not args.no_write:
+        write_section("Service: HTTP latency", body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
