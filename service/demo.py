@@ -61,11 +61,11 @@ def write_skimage_collection(root: Path) -> Path:
     return pairs
 
 
-def demo_source(data: Path | None = None) -> tuple[str, Path]:
+def demo_source(data: Path | None = None, cache: Path = CACHE) -> tuple[str, Path]:
     root = data or FLICKR
     if (root / "pairs.jsonl").is_file():
         return "flickr8k", root
-    return "skimage", CACHE / "skimage-photos"
+    return "skimage", cache / "skimage-photos"
 
 
 def _up_to_date(index_dir: Path, checkpoint: Path | None) -> bool:
@@ -85,9 +85,10 @@ def ensure_demo_index(index_dir: Path | None = None, data: Path | None = None, c
 
     if checkpoint is None and not Path(DEFAULT_CHECKPOINT).exists():
         raise DemoError(f"no default model at {DEFAULT_CHECKPOINT}; train one (`encoder train`) or pass --checkpoint")
-    kind, root = demo_source(data)
+    cache = Path(index_dir).parent if index_dir else CACHE
+    kind, root = demo_source(data, cache)
     name = f"flickr8k-{split}" if kind == "flickr8k" else "skimage"
-    index_dir = index_dir or CACHE / name
+    index_dir = Path(index_dir) if index_dir else CACHE / name
     if index_dir.is_dir() and _up_to_date(index_dir, checkpoint):
         print(f"service demo: using the existing index {index_dir}", file=sys.stderr)
         return index_dir
