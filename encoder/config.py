@@ -41,6 +41,8 @@ class HeadConfig(_Strict):
     dropout: float = 0.1
     input_dropout: float = 0.1
     token_drop: float = 0.0  # training only: drop whole input tokens (caption/cell dropout)
+    token_keep: float = 1.0  # training only, unpadded inputs (image cells): keep a random subset (FLIP-style speed-up)
+    global_mode: Literal["cross", "self"] = "cross"  # global slot cross-attends to tokens, or full self-attention layers
     global_mlp_hidden: int = 1024  # pooled-input MLP fused into the global embedding (0 = off)
 
 
@@ -92,6 +94,7 @@ class TrainConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     epochs: int = 20
+    captions_per_epoch: int | None = None  # rounds of one caption per image per epoch (None = every caption once)
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05

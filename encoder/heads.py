@@ -35,6 +35,26 @@ def _layer(dim: int, cfg: HeadConfig) -> nn.TransformerEncoderLayer:
                                       activation="gelu", batch_first=True, norm_first=True)
 
 
+class SlotBlock(nn.Module):
+    """One token-guided global step: the global slot cross-attends to the token embeddings.
+
+    Costs two projections per token instead of a full layer over all positions, which keeps
+    the global branch token-guided while the token branch pays for the self-attention.
+    """
+
+    def __init__(self, dim: int, cfg: HeadConfig):
+        super().__init__()
+        self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, cfg.heads, dropout=cfg.dropout, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(dim, dim * cfg.ffn_mult), nn.GELU(), nn.Dropout(cfg.dropout),
+                                nn.Linear(dim * cfg.ffn_mult, dim))
+
+    def forward(self, slot: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        kv = self.norm_kv(tokens)
+        slot = slot + self.attn(self.norm_q(slot), kv, kv, key_padding_mask=pad, need_weights=False)[0]
+        return slot + self.ff(self.norm_ff(slot))
+
+
 class TGDTHead(nn.Module):
     def __init__(self, in_dim: int, dim: int, cfg: HeadConfig, grid: tuple[int, int] | None, max_len: int):
         super().__init__()
@@ -51,7 +71,8 @@ class TGDTHead(nn.Module):
         self.token_layers = nn.ModuleList([_layer(dim, cfg) for _ in range(cfg.token_layers)])
         self.token_out = nn.Linear(dim, dim)
         self.global_slot = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.global_layers = nn.ModuleList([_layer(dim, cfg) for _ in range(cfg.global_layers)])
+        block = (lambda: SlotBlock(dim, cfg)) if cfg.global_mode == "cross" else (lambda: _layer(dim, cfg))
+        self.global_layers = nn.ModuleList([block() for _ in range(cfg.global_layers)])
         self.global_norm = nn.LayerNorm(dim)
         self.global_out = nn.Linear(dim, dim)
         if cfg.global_mlp_hidden:
@@ -68,22 +89,34 @@ class TGDTHead(nn.Module):
             return pe[:T]
         return self.pos[:T]
 
-    def forward(self, tb: TokenBatch, flip: torch.Tensor | None = None) -> Embeddings:
+    def forward(self, tb: TokenBatch) -> Embeddings:
         x, mask = tb.tokens.float(), tb.mask
+        pos = self.positions(x.shape[1]).expand(x.shape[0], -1, -1)
+        if self.training and self.cfg.token_keep < 1.0 and bool(mask.all()):
+            n = max(1, round(x.shape[1] * self.cfg.token_keep))
+            keep = torch.rand(mask.shape, device=x.device).argsort(dim=1)[:, :n].sort(dim=1).values
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+            pos = torch.gather(pos, 1, keep[..., None].expand(-1, -1, pos.shape[-1]))
+            mask = mask[:, :n]
         if self.training and self.cfg.token_drop > 0:
             keep = torch.rand(mask.shape, device=mask.device) >= self.cfg.token_drop
             keep[torch.arange(mask.shape[0]), mask.float().argmax(1)] = True  # never drop every token
             mask = mask & keep
         pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        h = self.proj(self.drop_in(self.norm_in(x))) + self.positions(x.shape[1])
+        h = self.proj(self.drop_in(self.norm_in(x))) + pos
         pad = ~mask
         for layer in self.token_layers:
             h = layer(h, src_key_padding_mask=pad)
         tokens = F.normalize(self.token_out(h), dim=-1) * mask[..., None]
-        g = torch.cat([self.global_slot.expand(x.shape[0], -1, -1), h], dim=1)
-        gpad = torch.cat([torch.zeros_like(pad[:, :1]), pad], dim=1)
-        for layer in self.global_layers:
-            g = layer(g, src_key_padding_mask=gpad)
+        if self.cfg.global_mode == "cross":
+            g = self.global_slot.expand(x.shape[0], -1, -1)
+            for layer in self.global_layers:
+                g = layer(g, h, pad)
+        else:
+            g = torch.cat([self.global_slot.expand(x.shape[0], -1, -1), h], dim=1)
+            gpad = torch.cat([torch.zeros_like(pad[:, :1]), pad], dim=1)
+            for layer in self.global_layers:
+                g = layer(g, src_key_padding_mask=gpad)
         glob = self.global_out(self.global_norm(g[:, 0]))
         if self.mlp is not None:
             glob = glob + self.mlp(pooled)

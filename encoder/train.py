@@ -100,16 +100,22 @@ def split_items(feats: Features, split: str, limit: int | None) -> tuple[torch.T
     return torch.tensor(imgs), caps, pos[feats.caption_image[caps]]
 
 
-def epoch_batches(images: torch.Tensor, caps_of: list[torch.Tensor], batch_size: int, gen: torch.Generator):
-    """One epoch = every caption once; each batch holds an image at most once (true negatives)."""
-    rounds = max(len(c) for c in caps_of)
+def epoch_batches(images: torch.Tensor, caps_of: list[torch.Tensor], batch_size: int, gen: torch.Generator,
+                  rounds: int | None = None):
+    """Rounds of (image, one of its captions); each batch holds an image at most once, so
+    off-diagonal pairs are true negatives. rounds=None: every caption once per epoch."""
+    full = rounds is None
+    rounds = max(len(c) for c in caps_of) if full else rounds
     order = [c[torch.randperm(len(c), generator=gen)] for c in caps_of]
     for r in range(rounds):
         perm = torch.randperm(len(images), generator=gen)
-        perm = torch.tensor([p for p in perm.tolist() if len(order[p]) > r], dtype=torch.long)
+        if full:
+            perm = torch.tensor([p for p in perm.tolist() if len(order[p]) > r], dtype=torch.long)
         for s in range(0, len(perm) - batch_size + 1, batch_size):
             sel = perm[s:s + batch_size]
-            yield images[sel], torch.stack([order[p][r] for p in sel.tolist()])
+            pick = [order[p][r % len(order[p])] if full else order[p][int(torch.randint(len(order[p]), (1,), generator=gen))]
+                    for p in sel.tolist()]
+            yield images[sel], torch.stack(pick)
 
 
 @torch.no_grad()
@@ -221,7 +227,7 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n and "row" not in n and "col" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = sum(1 for _ in epoch_batches(tr_imgs, caps_of, bs, torch.Generator().manual_seed(0)))
+    steps_per_epoch = sum(1 for _ in epoch_batches(tr_imgs, caps_of, bs, torch.Generator().manual_seed(0), cfg.captions_per_epoch))
     total = steps_per_epoch * cfg.epochs
     state_dir = out / "state"
     meta = {"epoch": 0, "best_rsum": -1.0, "history": []}
@@ -232,7 +238,7 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
     for epoch in range(meta["epoch"], cfg.epochs):
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        bar = tqdm(epoch_batches(tr_imgs, caps_of, bs, gen), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = tqdm(epoch_batches(tr_imgs, caps_of, bs, gen, cfg.captions_per_epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, unit="step")
         step = epoch * steps_per_epoch
         for img_idx, cap_idx in bar:
@@ -250,9 +256,10 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
             step += 1
             bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
         ims, txs = embed_split(model, feats, va_imgs, va_caps)
-        score, _ = calibrate_score(ims, txs, va_pos, cfg.rerank_k, cfg.model.score.local_reduce, alphas=(0.0, 0.3, 0.5, 0.7))
-        res = evaluate_embeddings(ims, txs, va_pos, score, k=cfg.rerank_k, modes=("global", "two_stage"))
-        rsum = res["two_stage"]["rsum"]
+        score, table = calibrate_score(ims, txs, va_pos, cfg.rerank_k, cfg.model.score.local_reduce,
+                                       alphas=(0.0, 0.3, 0.5, 0.7))
+        res = evaluate_embeddings(ims, txs, va_pos, score, k=cfg.rerank_k, modes=("global",))
+        rsum = table[score.alpha]
         meta["history"].append({"epoch": epoch + 1, "global": res["global"]["rsum"], "two_stage": rsum,
                                 "alpha": score.alpha, "seconds": round(time.time() - started, 1)})
         print(f"epoch {epoch + 1}: val rsum global {res['global']['rsum']:.1f} two-stage {rsum:.1f} (alpha {score.alpha})",
