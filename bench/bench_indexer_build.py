@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--tokens", default="fp16")
     ap.add_argument("--checkpoint")
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="print, do not touch BENCHMARKS.md")
     args = ap.parse_args()
 
     from encoder.pipeline import Encoder
@@ -93,7 +93,8 @@ tokens {args.tokens}, {args.repeats} alternating runs, medians:
 **Build overhead over backbone-only encoding: {100 * (f / b - 1):+.1f} %** (goal <= 10 %).
 """
     print(body)
-    write_section("Indexer: build overhead", body)
+    if not args.dry_run:
+        write_section("Indexer: build overhead", body)
 
 
 if __name__ == "__main__":

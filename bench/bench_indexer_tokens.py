@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="only the first N test images (smoke runs)")
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--sample", type=int, default=65536, help="token vectors to train a pq codec (as the build)")
+    ap.add_argument("--dry-run", action="store_true", help="print, do not touch BENCHMARKS.md")
     args = ap.parse_args()
 
     from encoder.data import load_pairs
@@ -86,7 +87,8 @@ Goal: <= 2 KB per image at <= 1 rsum loss (fp16 {T}x{enc.dim} = {T * 2 * enc.dim
 |---|---|---|---|---|---|
 """ + "\n".join(rows) + "\n"
     print(body)
-    write_section("Indexer: token store forms (bytes vs rsum)", body)
+    if not args.dry_run:
+        write_section("Indexer: token store forms (bytes vs rsum)", body)
 
 
 if __name__ == "__main__":
