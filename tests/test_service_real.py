@@ -162,7 +162,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> dict:
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> dict:
     import httpx
 
     deadline = time.time() + timeout
@@ -170,7 +170,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> dict:
         if proc.poll() is not None:
             raise AssertionError(f"service exited: {proc.stderr.read()}")
         try:
-            r = httpx.get(url + "/readyz", timeout=1)
+            r = httpx.get(url + "/readyz", timeout=10)
             if r.status_code == 200:
                 return r.json()
         except httpx.HTTPError:
@@ -192,12 +192,12 @@ def test_console_script_serves_and_sighup_swaps(indexes, tmp_path):
         url = f"http://127.0.0.1:{port}"
         ready = _wait_ready(url, proc)
         assert ready["info"]["images"] == 6 and ready["index"]["generation"] == 1
-        assert httpx.post(url + "/search/text", json={"query": "dog", "k": 2}).status_code == 200
+        assert httpx.post(url + "/search/text", json={"query": "dog", "k": 2}, timeout=60).status_code == 200
         link.unlink()
         link.symlink_to(indexes["b"])  # a new version, then HUP
         proc.send_signal(signal.SIGHUP)
-        for _ in range(150):
-            body = httpx.get(url + "/readyz").json()
+        for _ in range(600):
+            body = httpx.get(url + "/readyz", timeout=60).json()
             if body["index"]["generation"] == 2:
                 break
             time.sleep(0.1)
