@@ -33,8 +33,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.index:
         from indexer.evaluation import load_for_evaluation
 
-        images, captions, caption_image, stage_one, score = load_for_evaluation(args.index)
-        source = f"index {args.index}"
+        filters = {"split": args.split} if args.split else None
+        images, captions, caption_image, stage_one, score = load_for_evaluation(args.index, filters=filters,
+                                                                                device=args.device)
+        source = f"index {args.index} split={args.split or 'all'}"
     else:
         from .data import load_pairs
         from .pipeline import Encoder

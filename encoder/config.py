@@ -42,6 +42,7 @@ class HeadConfig(_Strict):
     input_dropout: float = 0.1
     token_drop: float = 0.0  # training only: drop whole input tokens (caption/cell dropout)
     token_keep: float = 1.0  # training only, unpadded inputs (image cells): keep a random subset (FLIP-style speed-up)
+    word_salience: bool = False  # text: learned per-word weights folded into the token vectors (see heads.py)
     global_mode: Literal["cross", "self"] = "cross"  # global slot cross-attends to tokens, or full self-attention layers
     global_mlp_hidden: int = 1024  # pooled-input MLP fused into the global embedding (0 = off)
 
@@ -103,6 +104,7 @@ class TrainConfig(_Strict):
     flip_prob: float = 0.5  # horizontal flip of the cached image grid
     seed: int = 0
     rerank_k: int = 100
+    select_k: int = 20  # re-rank depth for the cheaper per-epoch model selection on val
     eval_every: int = 1
     max_train_images: int | None = None  # for smoke tests
     max_val_images: int | None = None

@@ -18,7 +18,7 @@ from .data import Collection
 from .heads import Embeddings
 from .pipeline import Encoder
 from .protocol import ranks_full, ranks_two_stage, recall_table
-from .similarity import fuse, global_scores, mrsw_chunked, mrsw_paired
+from .similarity import fuse, global_scores, mrsw_chunked, mrsw_paired, token_extent
 from .transforms import ImageError, load_image
 
 MODES = ("global", "two_stage", "exhaustive")
@@ -36,11 +36,16 @@ def exact_stage_one(images: Embeddings, captions: Embeddings) -> StageOne:
 
 def rerank_pairs(words: Embeddings, cells: Embeddings, word_idx: torch.Tensor, cell_idx: torch.Tensor,
                  reduce: str, chunk: int = 4096) -> torch.Tensor:
-    """MrSw for arbitrary (caption, image) index pairs, chunked."""
+    """MrSw for arbitrary (caption, image) index pairs, chunked by caption length so that
+    each chunk only pays for its own longest caption, not the collection's."""
     out = torch.empty(word_idx.shape[0], device=words.tokens.device)
+    lengths = token_extent(words.mask)
+    order = torch.argsort(lengths[word_idx])
     for s in range(0, word_idx.shape[0], chunk):
-        w, c = word_idx[s:s + chunk], cell_idx[s:s + chunk]
-        out[s:s + chunk] = mrsw_paired(words.tokens[w], words.mask[w], cells.tokens[c], cells.mask[c], reduce)
+        sel = order[s:s + chunk]
+        w, c = word_idx[sel], cell_idx[sel]
+        T = max(1, int(lengths[w].max()))
+        out[sel] = mrsw_paired(words.tokens[w, :T], words.mask[w, :T], cells.tokens[c], cells.mask[c], reduce)
     return out
 
 

@@ -20,7 +20,7 @@ from .config import HeadConfig
 @dataclass
 class Embeddings:
     global_: torch.Tensor  # [B, D], L2-normalised
-    tokens: torch.Tensor  # [B, T, D], L2-normalised (padding rows are zero)
+    tokens: torch.Tensor  # [B, T, D], L2-normalised (padding rows zero; scaled by salience if enabled)
     mask: torch.Tensor  # [B, T] bool
 
     def to(self, device) -> "Embeddings":
@@ -70,6 +70,7 @@ class TGDTHead(nn.Module):
             self.pos = nn.Parameter(torch.zeros(max_len, dim))
         self.token_layers = nn.ModuleList([_layer(dim, cfg) for _ in range(cfg.token_layers)])
         self.token_out = nn.Linear(dim, dim)
+        self.salience = nn.Linear(dim, 1) if cfg.word_salience else None
         self.global_slot = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         block = (lambda: SlotBlock(dim, cfg)) if cfg.global_mode == "cross" else (lambda: _layer(dim, cfg))
         self.global_layers = nn.ModuleList([block() for _ in range(cfg.global_layers)])
@@ -108,6 +109,13 @@ class TGDTHead(nn.Module):
         for layer in self.token_layers:
             h = layer(h, src_key_padding_mask=pad)
         tokens = F.normalize(self.token_out(h), dim=-1) * mask[..., None]
+        if self.salience is not None:
+            # MrSw weights every word alike, so "a" and "the" count as much as "dog". A learned
+            # softmax weight per word, folded into the word vector's length, turns MrSw-sum into
+            # a salience-weighted mean; max over cells is unchanged by the positive scale, so the
+            # index, the kernels and grounding need nothing new.
+            w = self.salience(h).squeeze(-1).masked_fill(~mask, float("-inf")).softmax(dim=1)
+            tokens = tokens * w.nan_to_num(0.0)[..., None]
         if self.cfg.global_mode == "cross":
             g = self.global_slot.expand(x.shape[0], -1, -1)
             for layer in self.global_layers:

@@ -46,15 +46,28 @@ def mrsw_paired(words: torch.Tensor, word_mask: torch.Tensor, cells: torch.Tenso
     return total / word_mask.sum(-1).clamp(min=1).to(total.dtype)
 
 
+def token_extent(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, one past the last real token: how far a row's tokens can be cut."""
+    pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (mask * pos).max(dim=1).values
+
+
 def mrsw_chunked(words: torch.Tensor, word_mask: torch.Tensor, cells: torch.Tensor, cell_mask: torch.Tensor,
                  reduce: str = "mean", budget: int = 2**26) -> torch.Tensor:
     """`mrsw` over large sets without materialising A*B*Tw*Tc at once."""
     A, Tw, _ = words.shape
     B, Tc, _ = cells.shape
-    step = max(1, budget // max(1, B * Tw * Tc))
+    lengths = token_extent(word_mask)
+    order = torch.argsort(lengths)  # chunks of similar length: padding is cut per chunk
     out = torch.empty(A, B, dtype=words.dtype, device=words.device)
-    for a in range(0, A, step):
-        out[a:a + step] = mrsw(words[a:a + step], word_mask[a:a + step], cells, cell_mask, reduce)
+    a = 0
+    while a < A:
+        T = max(1, int(lengths[order[min(A - 1, a + max(1, budget // max(1, B * Tw * Tc)) - 1)]]))
+        step = max(1, budget // max(1, B * T * Tc))
+        idx = order[a:a + step]
+        T = max(1, int(lengths[idx].max()))
+        out[idx] = mrsw(words[idx, :T], word_mask[idx, :T], cells, cell_mask, reduce)
+        a += step
     return out
 
 

@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
             step += 1
             bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
         ims, txs = embed_split(model, feats, va_imgs, va_caps)
-        score, table = calibrate_score(ims, txs, va_pos, cfg.rerank_k, cfg.model.score.local_reduce,
+        score, table = calibrate_score(ims, txs, va_pos, cfg.select_k, cfg.model.score.local_reduce,
                                        alphas=(0.0, 0.3, 0.5, 0.7))
         res = evaluate_embeddings(ims, txs, va_pos, score, k=cfg.rerank_k, modes=("global",))
         rsum = table[score.alpha]
