@@ -64,7 +64,8 @@ def serve(settings, index_dir: Path | None = None) -> int:
         return _fail(EXIT_LOAD, f"cannot load index {target}: {msg}")
     app = create_app(settings, searcher=searcher)
     print(f"service: serving {target} on http://{settings.host}:{settings.port}/", file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_keep_alive=int(settings.keep_alive_s))
     return 0
 
 

@@ -59,6 +59,8 @@ class ServiceSettings(BaseSettings):
     faiss_threads: int | None = Field(None, ge=1, description="OpenMP threads for FAISS (1 is best for single queries)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for torch")
     background_load: bool = Field(True, description="load the index after startup; /readyz says when done")
+    keep_alive_s: float = Field(75.0, gt=0, description="idle keep-alive; above a load balancer's idle timeout "
+                                "(60 s typical) so a reused connection is never closed under a client's request")
     log_level: str = "info"
 
     @field_validator("cors_origins", mode="before")
