@@ -175,7 +175,6 @@ class _Builder:
         for j, (cid, pos, text) in enumerate(b.cap_items):
             rows.append((cid, "caption", None, text, owner[pos], None, None, self.segment, seg_pos["caption"] + j))
         # raw token files first, then the transaction that makes them count
-        T = self.encoder_tokens
         keep_rows = np.repeat(img_keep, b.img_len) if len(b.img_len) else np.zeros(0, bool)
         self.raws["image"].append(self.codecs["image"].encode(b.img_tokens[keep_rows]), b.img_global[img_keep],
                                   np.array([self.id_base + p for (p, _), k in zip(b.ok, img_keep) if k], dtype=np.int64),
@@ -183,15 +182,9 @@ class _Builder:
         self.raws["caption"].append(self.codecs["caption"].encode(b.cap_tokens), b.cap_global,
                                     np.array([c for c, _, _ in b.cap_items], dtype=np.int64), b.cap_len,
                                     self.codecs["caption"].row_bytes)
-        del T
         metadata.insert_items(con, rows)
         metadata.set_progress(con, {"position": b.end, "raw": {k: self.raws[k].sizes() for k in KINDS}})
         con.commit()
-
-    @property
-    def encoder_tokens(self) -> int:
-        g = self.encoder.image_backbone.grid
-        return int(g[0] * g[1])
 
 
 def _signature(cfg: BuildConfig, source: Source, digest: str) -> str:

@@ -367,11 +367,11 @@ def test_sigkilled_build_process_resumes(tiny_collection, tiny_checkpoint, tmp_p
     out = tmp_path / "index"
     conf = cfg(tiny_collection, out, tiny_checkpoint, batch_size=1)
     script = ("import sys, time; from indexer.build import build; from indexer.config import BuildConfig; "
-              "build(BuildConfig.model_validate_json(sys.argv[1]), on_batch=lambda n: time.sleep(0.3))")
+              "build(BuildConfig.model_validate_json(sys.argv[1]), on_batch=lambda n: time.sleep(0.5))")
     proc = subprocess.Popen([sys.executable, "-c", script, conf.model_dump_json()],
                             cwd=Path(__file__).resolve().parents[1])
     db = tmp_path / "index.partial" / "meta.sqlite"
-    deadline = time.time() + 60
+    deadline = time.time() + 600  # importing torch on a loaded CI box can take a while
     position = 0
     while time.time() < deadline and proc.poll() is None:
         if db.is_file():
@@ -380,12 +380,12 @@ def test_sigkilled_build_process_resumes(tiny_collection, tiny_checkpoint, tmp_p
                 position = int(row[0]) if row else 0
             except sqlite3.Error:
                 position = 0
-            if position >= 2:
+            if position >= 1:
                 break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 2 <= position < 6 and not out.exists()
+    assert 1 <= position < 6 and not out.exists(), position
     build(conf)
     ref = tmp_path / "ref"
     build(cfg(tiny_collection, ref, tiny_checkpoint, batch_size=1))
