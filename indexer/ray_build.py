@@ -286,11 +286,27 @@ def ray_build(cfg: BuildConfig, rc: RayConfig | None = None, encoder=None) -> An
     con.commit()
     seen: dict[str, tuple[int, str]] = {}
     shard_paths = sorted((part / SHARDS).glob("shard-*.npz"))
-    batches = list(merge_batches(shard_paths, source.entries, encoder.dim, cfg.batch_size))
-    if any(c.needs_training for c in builder.codecs.values()):
-        _train_codecs(builder, batches, cfg)
-    for b in batches:
-        builder.write(con, b, seen)
+    # same codec-training sample as encode_into (the first batches up to codec_train_tokens), then stream
+    need_training = any(c.needs_training for c in builder.codecs.values())
+    pending: list[_Encoded] = []
+    pending_tokens = 0
+    for b in merge_batches(shard_paths, source.entries, encoder.dim, cfg.batch_size):
+        if need_training:
+            pending.append(b)
+            pending_tokens += len(b.img_tokens)
+            if pending_tokens < cfg.codec_train_tokens:
+                continue
+            _train_codecs(builder, pending, cfg)
+            need_training = False
+            todo, pending = pending, []
+        else:
+            todo = [b]
+        for bb in todo:
+            builder.write(con, bb, seen)
+    if need_training:  # the whole collection fitted in the training sample
+        _train_codecs(builder, pending, cfg)
+        for bb in pending:
+            builder.write(con, bb, seen)
     con.close()
     if not rc.keep_shards:
         shutil.rmtree(part / SHARDS)

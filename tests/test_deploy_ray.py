@@ -21,7 +21,11 @@ from indexer.ray_build import RayConfig, ray_build  # noqa: E402
 @pytest.fixture(scope="module")
 def local_ray():
     """One local cluster for the module: 2 CPUs, the way a 2-core CI box looks."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    except Exception as e:  # Ray's raylet must register within a fixed 30 s: an overloaded box cannot
+        ray.shutdown()
+        pytest.skip(f"a local Ray node could not start on this machine: {str(e).splitlines()[0]}")
     yield
     ray.shutdown()
 
