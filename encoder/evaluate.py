@@ -18,7 +18,7 @@ from .data import Collection
 from .heads import Embeddings
 from .pipeline import Encoder
 from .protocol import ranks_full, ranks_two_stage, recall_table
-from .similarity import fuse, global_scores, mrsw_chunked, mrsw_paired, token_extent
+from .similarity import fuse, global_scores, local_for_candidates_batched, mrsw_chunked, token_extent
 from .transforms import ImageError, load_image
 
 MODES = ("global", "two_stage", "exhaustive")
@@ -34,18 +34,24 @@ def exact_stage_one(images: Embeddings, captions: Embeddings) -> StageOne:
     return run
 
 
-def rerank_pairs(words: Embeddings, cells: Embeddings, word_idx: torch.Tensor, cell_idx: torch.Tensor,
-                 reduce: str, chunk: int = 4096) -> torch.Tensor:
-    """MrSw for arbitrary (caption, image) index pairs, chunked by caption length so that
-    each chunk only pays for its own longest caption, not the collection's."""
-    out = torch.empty(word_idx.shape[0], device=words.tokens.device)
-    lengths = token_extent(words.mask)
-    order = torch.argsort(lengths[word_idx])
-    for s in range(0, word_idx.shape[0], chunk):
-        sel = order[s:s + chunk]
-        w, c = word_idx[sel], cell_idx[sel]
-        T = max(1, int(lengths[w].max()))
-        out[sel] = mrsw_paired(words.tokens[w, :T], words.mask[w, :T], cells.tokens[c], cells.mask[c], reduce)
+def rerank_candidates(queries: Embeddings, gallery: Embeddings, cand: torch.Tensor, query_is_text: bool,
+                      reduce: str, budget: int = 2**25) -> torch.Tensor:
+    """MrSw of every query against its stage-one candidates [Q, K] -> [Q, K], in chunks of
+    queries (and with caption padding cut to the chunk's longest caption)."""
+    Q, K = cand.shape
+    out = torch.empty(Q, K, device=queries.global_.device)
+    g_ext = int(token_extent(gallery.mask).max())
+    q_ext = token_extent(queries.mask)
+    order = torch.argsort(q_ext)
+    step = max(1, budget // max(1, K * g_ext * gallery.tokens.shape[-1]))
+    for s in range(0, Q, step):
+        sel = order[s:s + step]
+        T = max(1, int(q_ext[sel].max()))
+        c = cand[sel]
+        S = max(1, int(token_extent(gallery.mask[c.reshape(-1)]).max()))
+        out[sel] = local_for_candidates_batched(queries.tokens[sel, :T], queries.mask[sel, :T],
+                                                gallery.tokens[c][:, :, :S], gallery.mask[c][:, :, :S],
+                                                query_is_text, reduce)
     return out
 
 
@@ -71,11 +77,8 @@ def evaluate_embeddings(images: Embeddings, captions: Embeddings, caption_image:
         ranks = {}
         for direction, q, gt in (("t2i", captions.global_, gt_t2i), ("i2t", images.global_, gt_i2t)):
             s, cand = stage_one(q, direction, k)
-            Q, K = cand.shape
-            qi = torch.arange(Q, device=dev)[:, None].expand(Q, K).reshape(-1)
-            ci = cand.reshape(-1)
-            wi, im = (qi, ci) if direction == "t2i" else (ci, qi)
-            loc = rerank_pairs(captions, images, wi, im, score.local_reduce).view(Q, K)
+            queries, gallery = (captions, images) if direction == "t2i" else (images, captions)
+            loc = rerank_candidates(queries, gallery, cand, direction == "t2i", score.local_reduce)
             fused = fuse(torch.gather(s, 1, cand), loc, score)
             ranks[direction] = ranks_two_stage(s, cand, fused, gt)
         r = recall_table(ranks["i2t"], ranks["t2i"])

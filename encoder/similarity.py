@@ -34,18 +34,6 @@ def mrsw(words: torch.Tensor, word_mask: torch.Tensor, cells: torch.Tensor, cell
     return total / word_mask.sum(-1, keepdim=True).clamp(min=1).to(total.dtype)
 
 
-def mrsw_paired(words: torch.Tensor, word_mask: torch.Tensor, cells: torch.Tensor, cell_mask: torch.Tensor,
-                reduce: str = "mean") -> torch.Tensor:
-    """MrSw for aligned pairs (row i of words with row i of cells): [N, Tw, D], [N, Tc, D] -> [N]."""
-    sim = torch.einsum("ntd,nsd->nts", words, cells)
-    sim = sim.masked_fill(~cell_mask[:, None, :], NEG)
-    best = sim.max(dim=-1).values * word_mask.to(sim.dtype)
-    total = best.sum(-1)
-    if reduce == "sum":
-        return total
-    return total / word_mask.sum(-1).clamp(min=1).to(total.dtype)
-
-
 def token_extent(mask: torch.Tensor) -> torch.Tensor:
     """Per row, one past the last real token: how far a row's tokens can be cut."""
     pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)
@@ -97,9 +85,30 @@ def local_for_candidates(query_tokens: torch.Tensor, query_mask: torch.Tensor, c
     query [T, D] / [T]; candidates [K, S, D] / [K, S] -> [K]. Words are always the caption
     side, whichever side is the query.
     """
-    K = cand_tokens.shape[0]
-    q = query_tokens.unsqueeze(0).expand(K, -1, -1)
-    qm = query_mask.unsqueeze(0).expand(K, -1)
-    if query_is_text:
-        return mrsw_paired(q, qm, cand_tokens, cand_mask, reduce)
-    return mrsw_paired(cand_tokens, cand_mask, q, qm, reduce)
+    return local_for_candidates_batched(query_tokens[None], query_mask[None], cand_tokens[None], cand_mask[None],
+                                        query_is_text, reduce)[0]
+
+
+def local_for_candidates_batched(query_tokens: torch.Tensor, query_mask: torch.Tensor, cand_tokens: torch.Tensor,
+                                 cand_mask: torch.Tensor, query_is_text: bool, reduce: str = "mean") -> torch.Tensor:
+    """MrSw of Q queries against K candidates each: [Q, T, D], [Q, K, S, D] -> [Q, K].
+
+    One GEMM per query (its tokens against all K*S candidate tokens) instead of K tiny ones:
+    the re-rank is then as efficient per pair as exhaustive matching.
+    """
+    Q, K, S, D = cand_tokens.shape
+    T = query_tokens.shape[1]
+    sim = torch.bmm(query_tokens, cand_tokens.reshape(Q, K * S, D).transpose(1, 2)).view(Q, T, K, S)
+    if query_is_text:  # words = query [Q, T]; cells = candidates [Q, K, S]
+        best = sim.masked_fill(~cand_mask[:, None, :, :], NEG).max(dim=-1).values  # [Q, T, K]
+        best = best * query_mask[:, :, None].to(best.dtype)
+        total = best.sum(1)
+        count = query_mask.sum(1, keepdim=True)
+    else:  # cells = query [Q, T]; words = candidates [Q, K, S]
+        best = sim.masked_fill(~query_mask[:, :, None, None], NEG).max(dim=1).values  # [Q, K, S]
+        best = best * cand_mask.to(best.dtype)
+        total = best.sum(-1)
+        count = cand_mask.sum(-1)
+    if reduce == "sum":
+        return total
+    return total / count.clamp(min=1).to(total.dtype)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .backbones import TokenBatch, build_image_backbone, build_text_backbone
 from .config import ScoreConfig, TrainConfig
 from .data import load_pairs
-from .evaluate import evaluate_embeddings, markdown_table, rerank_pairs
+from .evaluate import evaluate_embeddings, markdown_table, rerank_candidates
 from .features import cache_image_tokens, cache_name, cache_text_tokens, load_cached
 from .heads import Embeddings
 from .loss import cmc_loss
@@ -145,10 +145,8 @@ def calibrate_score(images: Embeddings, captions: Embeddings, caption_image: tor
     for direction, q, g, gtm in (("t2i", captions.global_, images.global_, gt), ("i2t", images.global_, captions.global_, gt.T)):
         s = global_scores(q, g)
         cand = s.topk(min(k, s.shape[1]), dim=1).indices
-        Q, K = cand.shape
-        qi = torch.arange(Q)[:, None].expand(Q, K).reshape(-1)
-        wi, im = (qi, cand.reshape(-1)) if direction == "t2i" else (cand.reshape(-1), qi)
-        loc = rerank_pairs(captions, images, wi, im, reduce).view(Q, K)
+        queries, gallery = (captions, images) if direction == "t2i" else (images, captions)
+        loc = rerank_candidates(queries, gallery, cand, direction == "t2i", reduce)
         parts[direction] = (s, cand, torch.gather(s, 1, cand), loc, gtm)
     gs = torch.cat([p[2].reshape(-1) for p in parts.values()])
     ls = torch.cat([p[3].reshape(-1) for p in parts.values()])

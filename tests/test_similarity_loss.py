@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from encoder.config import LossConfig, ScoreConfig
 from encoder.heads import Embeddings
 from encoder.loss import cmc_loss, hinge_hardest, infonce, intra_consistency
-from encoder.similarity import fuse, local_for_candidates, mrsw, mrsw_chunked, mrsw_paired, word_alignment
+from encoder.evaluate import rerank_candidates
+from encoder.similarity import fuse, local_for_candidates, mrsw, mrsw_chunked, word_alignment
 
 
 def test_mrsw_each_word_takes_best_cell_and_padding_is_ignored():
@@ -33,9 +34,12 @@ def test_mrsw_variants_agree():
     cm = torch.ones(4, 6, dtype=torch.bool)
     full = mrsw(w, wm, c, cm)
     assert torch.allclose(mrsw_chunked(w, wm, c, cm, budget=50), full, atol=1e-6)
-    a, b = torch.meshgrid(torch.arange(5), torch.arange(4), indexing="ij")
-    paired = mrsw_paired(w[a.flatten()], wm[a.flatten()], c[b.flatten()], cm[b.flatten()])
-    assert torch.allclose(paired.view(5, 4), full, atol=1e-6)
+    # two-stage kernel over per-query candidate lists, both directions, against the full matrix
+    words, cells = Embeddings(w[:, 0], w, wm), Embeddings(c[:, 0], c, cm)
+    cand_t2i = torch.tensor([[3, 1], [0, 2], [1, 1], [2, 0], [3, 0]])
+    assert torch.allclose(rerank_candidates(words, cells, cand_t2i, True, "mean"), full.gather(1, cand_t2i), atol=1e-6)
+    cand_i2t = torch.tensor([[4, 0, 2], [1, 3, 0], [2, 2, 4], [0, 1, 3]])
+    assert torch.allclose(rerank_candidates(cells, words, cand_i2t, False, "mean"), full.T.gather(1, cand_i2t), atol=1e-6)
     # re-rank kernel: text query against image candidates and image query against caption candidates
     assert torch.allclose(local_for_candidates(w[2], wm[2], c, cm, query_is_text=True), full[2], atol=1e-6)
     assert torch.allclose(local_for_candidates(c[1], cm[1], w, wm, query_is_text=False), full[:, 1], atol=1e-6)
