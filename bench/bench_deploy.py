@@ -69,13 +69,21 @@ def write_block(name: str, body: str, path: Path = BENCHMARKS) -> None:
 def smoke_body(a: argparse.Namespace) -> str:
     answer = json.loads(Path(a.answer).read_text())
     hits = answer.get("hits", [])
-    rows = "\n".join(f"| {i + 1} | {h['id']} | {h['score']:.4f} | {h['global_score']:.4f} | `{h.get('image_url')}` |"
-                     for i, h in enumerate(hits))
-    timings = answer.get("timings") or {}
-    t = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items() if isinstance(v, (int, float)))
+    # image id = line of the smoke's pairs.jsonl (it names every image of the collection, in order)
+    pairs = [json.loads(line) for line in Path(a.pairs).read_text().splitlines()] if a.pairs else []
+
+    def what(h: dict) -> str:
+        i = h.get("image_id")
+        if isinstance(i, int) and i < len(pairs):
+            return f"`{Path(pairs[i]['image']).name}` — \"{pairs[i]['captions'][0]}\""
+        return f"`{h.get('image_url')}`"
+    rows = "\n".join(f"| {i + 1} | {h['id']} | {h['score']:.4f} | {h['global_score']:.4f} | {what(h)} |"
+                      for i, h in enumerate(hits))
+    timings = answer.get("timings_ms") or {}
+    t = ", ".join(f"{k} {v:.1f} ms" for k, v in timings.items() if isinstance(v, (int, float)))
     return f"""### Compose smoke: build -> up -> search -> down (CPU image)
 
-- Date: {dt.date.today().isoformat()}, commit {git_rev()}; machine: {machine()}; no GPU.
+- Date: {dt.date.today().isoformat()}, commit {a.commit or git_rev()}; machine: {machine()}; no GPU.{chr(10) + "- " + a.note if a.note else ""}
 - Command: `{a.command.strip()}`
 - Base image: `{a.base}` (Docker Hub unreachable here: a debootstrapped Debian bookworm root imported with
   `docker import`); wheels installed {"offline from docker/wheels" if a.offline == "1" else "from the indexes"}.
@@ -87,7 +95,7 @@ def smoke_body(a: argparse.Namespace) -> str:
 - `POST /search/text {{"query": "{a.query}", "k": 5}}` through the published port: median {a.search_ms} ms
   over 20 calls after one warm-up (server timings of the last: {t or "n/a"}).
 
-| rank | id | score (fused) | global | image |
+| rank | id | score (fused) | global | image — its first human caption |
 |---:|---:|---:|---:|---|
 {rows}
 """
@@ -101,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                  "search-ms", "model", "offline", "command"):
         s.add_argument(f"--{flag}", required=True)
     s.add_argument("--size-bytes", type=int, required=True)
+    s.add_argument("--pairs", help="the smoke collection's pairs.jsonl (names the hits)")
+    s.add_argument("--note", default="", help="one line of context (e.g. machine load during the run)")
+    s.add_argument("--commit", default=None, help="commit the run was made at (default: HEAD now)")
     a = ap.parse_args(argv)
     if a.cmd == "record-smoke":
         write_block("smoke", smoke_body(a))

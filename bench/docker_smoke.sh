@@ -192,7 +192,7 @@ log "down"
 if [ "$RECORD" = 1 ]; then
   "$PY" bench/bench_deploy.py record-smoke --answer "$WORK/answer.json" --query "$QUERY" --images "$N" \
     --base "$BASE_IMAGE" --tag "$TAG" --size-bytes "$SIZE" --build-s "$BUILD_S" --index-s "$INDEX_S" \
-    --up-s "$UP_S" --search-ms "$SEARCH_MS" --build-cache "$BUILD_CACHE" --model "$MODEL" --offline "$OFFLINE" \
+    --up-s "$UP_S" --search-ms "$SEARCH_MS" --build-cache "$BUILD_CACHE" --model "$MODEL" --offline "$OFFLINE" --pairs "$WORK/data/pairs.jsonl" \
     --command "SMOKE_IMAGES=$N SMOKE_NO_CACHE=${SMOKE_NO_CACHE:-0} bench/docker_smoke.sh $*"
 fi
 "$PY" -c 'import json,sys; a=json.load(open(sys.argv[1])); [print(h["id"], round(h["score"], 4), h["image_url"]) for h in a["hits"]]' "$WORK/answer.json"
