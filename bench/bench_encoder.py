@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from indexer_common import FLICKR, ROOT, machine, write_section  # noqa: E402
+from common import FLICKR, ROOT, machine, write_section  # noqa: E402
 
 
 def main() -> int:

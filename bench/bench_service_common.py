@@ -1,20 +1,17 @@
-"""Helpers shared by the service benchmarks: a served index on a loopback port, RSS, the
-BENCHMARKS.md section writer. Not a benchmark itself."""
+"""Helpers shared by the service benchmarks: a served index on a loopback port, RSS (and the
+common BENCHMARKS.md writer). Not a benchmark itself."""
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
-import platform
-import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = REPO / "BENCHMARKS.md"
+from common import BENCHMARKS, machine, write_section  # noqa: F401  (re-exported)
+from common import ROOT as REPO
 
 
 def free_port() -> int:
@@ -28,18 +25,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {cpu}, Python {platform.python_version()}"
 
 
 class Served:
@@ -115,16 +100,3 @@ def tiny_index(folder: Path, n_images: int = 24, seed: int = 0) -> Path:
     build(BuildConfig(images=str(col), captions=str(col / "pairs.jsonl"), out=str(out), checkpoint=str(ckpt),
                       progress=False, faiss="flat"))
     return out
-
-
-def write_section(title: str, body: str) -> None:
-    """Replace (or append) the `## {title}` section of BENCHMARKS.md, leaving the others intact."""
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = f"## {title}\n\n_{stamp} · {machine()}_\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    BENCHMARKS.write_text(text.rstrip("\n") + "\n")
