@@ -221,8 +221,10 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
     torch.manual_seed(cfg.seed)
     Ti, Di = feats.image_tokens.shape[1:]
     model = TGDTModel(cfg.model, image_dim=Di, text_dim=feats.text_tokens.shape[2], image_grid=feats.grid)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n and "row" not in n and "col" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n and "row" not in n and "col" not in n)]
+    # weight decay on matrices only; biases, norms, temperatures and position tables are exempt
+    decays = lambda n, p: p.ndim >= 2 and n.rsplit(".", 1)[-1] not in ("pos", "row", "col")
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     steps_per_epoch = sum(1 for _ in epoch_batches(tr_imgs, caps_of, bs, torch.Generator().manual_seed(0), cfg.captions_per_epoch))
