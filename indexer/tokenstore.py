@@ -13,8 +13,9 @@ into the HDF5 segment at the end.
 
 Codecs: fp16 (default, exact enough), fp32, int8 with a per-token fp16 scale, and product
 quantisation (`pqM`, `opqM`: M bytes per token, FAISS's trained PQ/OPQ, in the spirit of
-ColBERTv2's compressed residuals). Lossy forms are re-normalised on decode because MrSw is a
-cosine.
+ColBERTv2's compressed residuals). A token's length carries meaning (caption tokens are scaled
+by their learned word salience), so lengths are kept: int8's per-token scale keeps it, and PQ
+codes the direction (trained on unit vectors) plus the length as fp16 (2 more bytes).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class TokenCodec:
                 # "np": no polysemous training (slow simulated annealing we do not use)
                 spec = f"OPQ{m},PQ{m}np" if form.startswith("opq") else f"PQ{m}np"
                 self._index = faiss.index_factory(dim, spec)
-            self.row_bytes = self._index.sa_code_size()
+            self.row_bytes = self._index.sa_code_size() + 2  # + fp16 length
 
     @property
     def needs_training(self) -> bool:
@@ -57,7 +58,8 @@ class TokenCodec:
 
     def train(self, x: np.ndarray) -> None:
         if self._index is not None:
-            self._index.train(np.ascontiguousarray(x, dtype=np.float32))
+            x, _ = _unit(x)
+            self._index.train(np.ascontiguousarray(x[np.linalg.norm(x, axis=1) > 0]))
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -67,11 +69,14 @@ class TokenCodec:
         if self.form == "fp32":
             return x.view(np.uint8).reshape(n, self.row_bytes)
         if self.form == "int8":
-            scale = np.abs(x).max(axis=1, keepdims=True) / 127.0
-            scale = np.maximum(scale, 1e-8).astype(np.float16)
-            q = np.clip(np.rint(x / scale.astype(np.float32)), -127, 127).astype(np.int8)
+            scale = (np.abs(x).max(axis=1, keepdims=True) / 127.0).astype(np.float16)
+            s32 = scale.astype(np.float32)
+            q = np.where(s32 > 0, np.rint(x / np.where(s32 > 0, s32, 1.0)), 0.0)
+            q = np.clip(q, -127, 127).astype(np.int8)
             return np.concatenate([q.view(np.uint8), scale.view(np.uint8).reshape(n, 2)], axis=1)
-        return self._index.sa_encode(x)
+        unit, norm = _unit(x)
+        codes = self._index.sa_encode(unit) if n else np.zeros((0, self.row_bytes - 2), np.uint8)
+        return np.concatenate([codes, norm.astype(np.float16).view(np.uint8).reshape(n, 2)], axis=1)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
@@ -82,11 +87,10 @@ class TokenCodec:
             return codes.view(np.float32).reshape(n, self.dim).copy()
         if self.form == "int8":
             q = codes[:, : self.dim].view(np.int8).astype(np.float32)
-            scale = codes[:, self.dim:].copy().view(np.float16).astype(np.float32)
-            x = q * scale
-        else:
-            x = self._index.sa_decode(codes) if n else np.zeros((0, self.dim), np.float32)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+            return q * codes[:, self.dim:].copy().view(np.float16).astype(np.float32)
+        norm = codes[:, -2:].copy().view(np.float16).astype(np.float32)
+        x = self._index.sa_decode(np.ascontiguousarray(codes[:, :-2])) if n else np.zeros((0, self.dim), np.float32)
+        return _unit(x)[0] * norm
 
     # persistence: FAISS's own serialisation (not pickle) for trained codecs
     def to_bytes(self) -> bytes | None:
@@ -116,6 +120,13 @@ class TokenCodec:
         if path is not None and path.is_file():
             return cls.from_bytes(form, dim, path.read_bytes())
         return cls(form, dim)
+
+
+def _unit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit length (zero rows stay zero) and their lengths [n, 1]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12), norm
 
 
 # ------------------------------------------------------------------ build-time raw files

@@ -202,7 +202,7 @@ def test_token_forms_bytes_and_fidelity(tiny_collection, tiny_checkpoint, tmp_pa
     rng = np.random.default_rng(0)
     x = rng.standard_normal((600, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    for form, nbytes, tol in (("fp16", 64, 1e-3), ("int8", 34, 0.02), ("pq8", 8, None)):
+    for form, nbytes, tol in (("fp16", 64, 1e-3), ("int8", 34, 0.02), ("pq8", 10, None)):  # pq: M code bytes + fp16 length
         c = TokenCodec(form, 32)
         if c.needs_training:
             c.train(x)
