@@ -31,9 +31,18 @@ def _summary(m) -> str:
 
 
 def _cmd_build(args) -> int:
-    from .build import build
+    if args.engine == "ray":
+        try:
+            from .ray_build import ray_build, ray_config_from_args
+        except ImportError:
+            from .build import BuildError
 
-    m = build(_build_config(args))
+            raise BuildError("--engine ray needs Ray: pip install -e '.[cluster]'") from None
+        m = ray_build(_build_config(args), ray_config_from_args(args))
+    else:
+        from .build import build
+
+        m = build(_build_config(args))
     print(f"{args.out}: {_summary(m)}")
     return 0
 
@@ -124,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--faiss", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"])
     b.add_argument("--tokens", default="fp16", help="token store form: fp16, fp32, int8, pqM, opqM (e.g. pq32)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    b.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: decode and encode on a Ray cluster, merge into the same format")
+    from .ray_build import add_ray_arguments
+
+    add_ray_arguments(b)
     common(b)
     b.set_defaults(func=_cmd_build)
 
