@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import re
+import sys
 import subprocess
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402,F401  (bench_deploy_ray imports it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
@@ -23,18 +25,6 @@ SECTION = "## Deploy"
 INTRO = ("Docker images, the compose stack and the Ray build. Produced by `bench/docker_smoke.sh` and "
          "`bench/bench_deploy_ray.py`; no GPU machine was lent to this task, so GPU figures are absent "
          "(see docs/deploy.md).")
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores (`nproc`), {cpu}, {platform.system()} {platform.release()}"
 
 
 def git_rev() -> str:

@@ -8,33 +8,13 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-
-@dataclass
-class FakeHit:
-    id: int
-    score: float
-    global_score: float
-    local_score: float | None
-    kind: str
-    metadata: dict = field(default_factory=dict)
-    path: str | None = None
-    caption: str | None = None
-    image_id: int | None = None
-    alignment: list[dict] | None = None
-
-
-@dataclass
-class FakeResult:
-    hits: list[FakeHit]
-    timings: dict[str, float]
-    candidates: int
+from indexer.searcher import Hit, SearchResult  # the contract's own result types
 
 
 def _vec(word: str, dim: int) -> np.ndarray:
@@ -100,7 +80,7 @@ class FakeSearcher:
         return ok
 
     def search_text(self, query: str, k: int = 10, candidates: int = 100, mode: str = "rerank",
-                    filters: dict | None = None, explain: bool = False) -> FakeResult:
+                    filters: dict | None = None, explain: bool = False) -> SearchResult:
         t0 = time.perf_counter()
         if self.delay_s:
             time.sleep(self.delay_s)
@@ -124,15 +104,15 @@ class FakeSearcher:
                 align = [{"word": w, "cell": int(b), "row": int(b) // self.encoder.image_backbone.grid[1],
                           "col": int(b) % self.encoder.image_backbone.grid[1], "score": float(sim[j, b])}
                          for j, (w, b) in enumerate(zip(words, best))]
-            hits.append(FakeHit(i, score, float(gs[i]), local if mode == "rerank" else None, "image",
+            hits.append(Hit(i, score, float(gs[i]), local if mode == "rerank" else None, "image",
                                 dict(self.meta[i]), str(self.paths[i]), None, i, align))
         hits.sort(key=lambda h: -h.score)
         t3 = time.perf_counter()
-        return FakeResult(hits[:k], {"encode": t1 - t0, "faiss": t2 - t1, "rerank": t3 - t2, "total": t3 - t0},
+        return SearchResult(hits[:k], {"encode": t1 - t0, "faiss": t2 - t1, "rerank": t3 - t2, "total": t3 - t0},
                           len(cand) if mode == "rerank" else 0)
 
     def search_image(self, image: Any, k: int = 10, candidates: int = 100, mode: str = "rerank",
-                     filters: dict | None = None, target: str = "captions") -> FakeResult:
+                     filters: dict | None = None, target: str = "captions") -> SearchResult:
         t0 = time.perf_counter()
         arr = np.asarray(image.convert("RGB").resize((4, 4)), np.float32).reshape(-1)
         rng = np.random.default_rng(int(arr.sum()) % 2**32)
@@ -142,17 +122,17 @@ class FakeSearcher:
         if target == "images":
             s = self.globals @ q
             order = [int(i) for i in np.argsort(-s) if allowed[i]][:k]
-            hits = [FakeHit(i, float(s[i]), float(s[i]), None, "image", dict(self.meta[i]), str(self.paths[i]),
+            hits = [Hit(i, float(s[i]), float(s[i]), None, "image", dict(self.meta[i]), str(self.paths[i]),
                             None, i) for i in order]
         else:
             s = np.array([float(self.globals[self.caption_image[c]] @ q) + 0.001 * c
                           for c in range(len(self.captions))])
             order = [int(c) for c in np.argsort(-s) if allowed[self.caption_image[c]]][:k]
-            hits = [FakeHit(10_000 + c, float(s[c]), float(s[c]), None, "caption",
+            hits = [Hit(10_000 + c, float(s[c]), float(s[c]), None, "caption",
                             dict(self.meta[self.caption_image[c]]), None, self.captions[c], self.caption_image[c])
                     for c in order]
         t = time.perf_counter() - t0
-        return FakeResult(hits, {"encode": t / 2, "faiss": t / 2, "rerank": 0.0, "total": t},
+        return SearchResult(hits, {"encode": t / 2, "faiss": t / 2, "rerank": 0.0, "total": t},
                           min(candidates, len(hits)) if mode == "rerank" else 0)
 
     def item(self, id: int) -> dict | None:
