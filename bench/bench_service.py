@@ -218,8 +218,8 @@ tokens {info.get('token_form')}, FAISS image index `{faiss.get('factory', '?')}`
 
 {load_text}
 
-Machine load while measuring: load average {load_avg} at the start (2 cores shared with other work: a training
-run and other engineers' builds were running, so absolute latencies are pessimistic; compare the ratios).
+Machine load while measuring: load average {load_avg} at the start (1, 5, 15 min; this machine has 2 cores,
+so anything above ~2 means other work shared them: absolute latencies are then pessimistic, compare the ratios).
 """
     print(body)
     if not args.no_write:
