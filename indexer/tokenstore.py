@@ -173,11 +173,12 @@ class RawKind:
 def _copy_rows(dst: h5py.Dataset, src: Path, n: int, width: int, dtype, step_bytes: int = 64 << 20) -> None:
     if n == 0:
         return
-    mm = np.memmap(src, dtype=dtype, mode="r", shape=(n, width))
+    # plain reads, not a memmap: a memmap's touched pages count as resident for the whole copy
     step = max(1, step_bytes // (width * np.dtype(dtype).itemsize))
-    for s in range(0, n, step):
-        dst[s:s + step] = mm[s:s + step]
-    del mm
+    with open(src, "rb") as fh:
+        for s in range(0, n, step):
+            k = min(step, n - s)
+            dst[s:s + k] = np.fromfile(fh, dtype=dtype, count=k * width).reshape(k, width)
 
 
 def write_segment(path: Path, raws: dict[str, RawKind], form: str, dim: int, row_bytes: int) -> dict[str, int]:
