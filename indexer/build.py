@@ -334,6 +334,20 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def publish(part: Path, out: Path) -> None:
+    """Swap a finished `<out>.partial` in for `out` (renames only, so readers never see half an
+    index) and drop the build-time raw files."""
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(part, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(part, out)
+    for r in (RawKind.at(out, k) for k in KINDS):
+        r.remove()
+
+
 def build(cfg: BuildConfig, encoder=None, on_batch: Callable[[int], None] | None = None) -> Manifest:
     """Build (or resume building) the index `cfg.out`; returns its manifest."""
     from encoder.model import checkpoint_digest
@@ -356,15 +370,7 @@ def build(cfg: BuildConfig, encoder=None, on_batch: Callable[[int], None] | None
         stats = encode_into(part, cfg, source, encoder, on_batch)
         finalize(part, cfg, encoder, source.root, digest, stats)
         done_marker.write_text("ok\n")
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(part, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(part, out)
-    for r in (RawKind.at(out, k) for k in KINDS):
-        r.remove()
+    publish(part, out)
     sig_file = out / sig_file.name
     sig_file.unlink(missing_ok=True)
     (out / done_marker.name).unlink(missing_ok=True)

@@ -29,7 +29,8 @@ from typing import Any, Iterator
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .build import (BuildError, _Builder, _Encoded, _Files, _train_codecs, finalize, open_encoder, partial_dir)
+from .build import (BuildError, _Builder, _Encoded, _Files, _train_codecs, finalize, open_encoder, partial_dir,
+                    publish)
 from .config import BuildConfig
 
 SHARDS = "shards"
@@ -311,15 +312,7 @@ def ray_build(cfg: BuildConfig, rc: RayConfig | None = None, encoder=None) -> An
     if not rc.keep_shards:
         shutil.rmtree(part / SHARDS)
     finalize(part, cfg, encoder, source.root, digest, {"encode_seconds": stats["encode_seconds"]})
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(part, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(part, out)
-    for r in (RawKind.at(out, k) for k in KINDS):
-        r.remove()
+    publish(part, out)
     return read_manifest(out)
 
 
