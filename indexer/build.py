@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -203,6 +203,29 @@ def _loader(cfg: BuildConfig, source: Source, start: int, preprocess) -> DataLoa
     return DataLoader(ds, **kw)
 
 
+def codec_ready(builder: _Builder, batches: Iterable[_Encoded], cfg: BuildConfig,
+                codec_dir: Path) -> Iterator[_Encoded]:
+    """The encoded batches in order, held back only until a lossy codec (pq) has trained on a
+    sample of real tokens (the first batches, up to `codec_train_tokens`)."""
+    need = any(c.needs_training for c in builder.codecs.values())
+    pending: list[_Encoded] = []
+    tokens = 0
+    for b in batches:
+        if not need:
+            yield b
+            continue
+        pending.append(b)
+        tokens += len(b.img_tokens)
+        if tokens >= cfg.codec_train_tokens:
+            _train_codecs(builder, pending, cfg, codec_dir)
+            need = False
+            yield from pending
+            pending = []
+    if need:  # the whole collection fitted in the training sample
+        _train_codecs(builder, pending, cfg, codec_dir)
+        yield from pending
+
+
 def _train_codecs(builder: _Builder, pending: list[_Encoded], cfg: BuildConfig, codec_dir: Path) -> None:
     for kind in KINDS:
         codec = builder.codecs[kind]
@@ -252,38 +275,21 @@ def encode_into(folder: Path, cfg: BuildConfig, source: Source, encoder,
         con.commit()
     seen = {r["sha256"]: (r["id"], r["path"]) for r in con.execute("SELECT id, path, sha256 FROM items WHERE kind='image' AND deleted=0")}
     n = len(source.entries)
-    need_training = any(c.needs_training for c in builder.codecs.values())
-    pending: list[_Encoded] = []
-    pending_tokens = 0
     batches = 0
     t0 = time.perf_counter()
     bar = tqdm(total=n, initial=start, unit="img", desc="index", disable=not cfg.progress, smoothing=0.1)
-    if start < n:
-        for items in _loader(cfg, source, start, encoder.preprocess):
-            b = builder.encode(items)
-            bar.update(len(items))
-            if need_training:
-                pending.append(b)
-                pending_tokens += len(b.img_tokens)
-                if pending_tokens < cfg.codec_train_tokens:
-                    continue
-                _train_codecs(builder, pending, cfg, codec_dir)
-                need_training = False
-                todo, pending = pending, []
-            else:
-                todo = [b]
-            for bb in todo:
-                builder.write(con, bb, seen)
-                batches += 1
-                if on_batch is not None:
-                    on_batch(batches)
-    if need_training:  # the whole collection fitted in the training sample
-        _train_codecs(builder, pending, cfg, codec_dir)
-        for bb in pending:
-            builder.write(con, bb, seen)
-            batches += 1
-            if on_batch is not None:
-                on_batch(batches)
+
+    def encoded() -> Iterator[_Encoded]:
+        if start < n:
+            for items in _loader(cfg, source, start, encoder.preprocess):
+                yield builder.encode(items)
+                bar.update(len(items))
+
+    for b in codec_ready(builder, encoded(), cfg, codec_dir):
+        builder.write(con, b, seen)
+        batches += 1
+        if on_batch is not None:
+            on_batch(batches)
     bar.close()
     con.close()
     return {"encode_seconds": time.perf_counter() - t0, "batches": batches, "resumed_from": start}

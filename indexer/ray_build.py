@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .build import (BuildError, _Builder, _Encoded, _Files, _train_codecs, finalize, open_encoder, partial_dir,
+from .build import (BuildError, _Builder, _Encoded, _Files, codec_ready, finalize, open_encoder, partial_dir,
                     publish)
 from .config import BuildConfig
 
@@ -288,26 +288,8 @@ def ray_build(cfg: BuildConfig, rc: RayConfig | None = None, encoder=None) -> An
     seen: dict[str, tuple[int, str]] = {}
     shard_paths = sorted((part / SHARDS).glob("shard-*.npz"))
     # same codec-training sample as encode_into (the first batches up to codec_train_tokens), then stream
-    need_training = any(c.needs_training for c in builder.codecs.values())
-    pending: list[_Encoded] = []
-    pending_tokens = 0
-    for b in merge_batches(shard_paths, source.entries, encoder.dim, cfg.batch_size):
-        if need_training:
-            pending.append(b)
-            pending_tokens += len(b.img_tokens)
-            if pending_tokens < cfg.codec_train_tokens:
-                continue
-            _train_codecs(builder, pending, cfg)
-            need_training = False
-            todo, pending = pending, []
-        else:
-            todo = [b]
-        for bb in todo:
-            builder.write(con, bb, seen)
-    if need_training:  # the whole collection fitted in the training sample
-        _train_codecs(builder, pending, cfg)
-        for bb in pending:
-            builder.write(con, bb, seen)
+    for b in codec_ready(builder, merge_batches(shard_paths, source.entries, encoder.dim, cfg.batch_size), cfg, part):
+        builder.write(con, b, seen)
     con.close()
     if not rc.keep_shards:
         shutil.rmtree(part / SHARDS)
