@@ -26,9 +26,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service_common import Served, rss_mib, tiny_index, write_section  # noqa: E402
 
-QUERIES = ["a dog runs on the beach", "two children play in the snow", "a man rides a bike", "a black cat sits",
+FALLBACK_QUERIES = ["a dog runs on the beach", "two children play in the snow", "a man rides a bike", "a black cat sits",
            "people walk down a busy street", "a girl in a red dress", "a brown dog jumps over a fence",
            "a boy swims in the pool", "a woman holds an umbrella", "climbers on a rocky mountain"]
+
+
+def load_queries(n: int = 500) -> list[str]:
+    """Distinct real captions (Flickr8k test) when the data is there, so no two requests in a
+    row are alike; plain-character ones only, since wrk's Lua splices them into JSON."""
+    import re
+
+    pairs = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k" / "pairs.jsonl"
+    if not pairs.is_file():
+        return FALLBACK_QUERIES
+    ok = re.compile(r"^[A-Za-z0-9 ,.'-]+$")
+    out: list[str] = []
+    for line in pairs.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("split") == "test":
+            out += [c.strip() for c in row["captions"] if ok.match(c.strip())]
+    seen = list(dict.fromkeys(out))
+    return seen[:n] or FALLBACK_QUERIES
+
+
+QUERIES = load_queries()
 
 LUA = r"""
 local queries = {%(queries)s}
@@ -126,9 +147,11 @@ def main() -> int:
     p.add_argument("--images", type=int, default=2000, help="images in the fallback index built here")
     p.add_argument("--seconds", type=int, default=20)
     p.add_argument("--load-requests", type=int, default=10_000)
-    p.add_argument("--search-threads", type=int, default=2)
+    p.add_argument("--search-threads", type=int, default=8)
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--faiss-threads", type=int, default=1)
+    p.add_argument("--text-runtime", default="onnx", choices=["torch", "onnx", "onnx-int8"])
+    p.add_argument("--encode-batch", type=int, default=16, help="text queries coalesced per encoder pass")
     p.add_argument("--skip-latency", action="store_true", help="only the bounded load run")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
@@ -161,7 +184,8 @@ def main() -> int:
         note = (f"**Index: {args.images} images built here with random *tiny* backbones (dim 32, 4x4 grid) — NOT the "
                 "1M-image synthetic index; encode cost is far below the real text encoder's.**")
     env = {"SERVICE_SEARCH_THREADS": str(args.search_threads), "SERVICE_TORCH_THREADS": str(args.torch_threads),
-           "SERVICE_FAISS_THREADS": str(args.faiss_threads)}
+           "SERVICE_FAISS_THREADS": str(args.faiss_threads), "SERVICE_TEXT_RUNTIME": args.text_runtime,
+           "SERVICE_ENCODE_BATCH": str(args.encode_batch)}
     results: dict[str, dict] = {}
     load_avg = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
     with Served(index, env=env) as s:
@@ -205,7 +229,9 @@ def main() -> int:
 errors: {load['errors']} (status codes {load['codes']}); server 5xx over the whole run (from /metrics):
 {errors_5xx:.0f}; server RSS {rss_before:.0f} MiB before -> {rss_after:.0f} MiB after ({rss_after - rss_before:+.0f} MiB)."""
     body = f"""Command: `.venv/bin/python bench/bench_service.py {how}` (client: `wrk`, same machine, loopback; server: `service --index`, 1 process,
-search_threads={args.search_threads}, torch_threads={args.torch_threads}, faiss_threads={args.faiss_threads};
+search_threads={args.search_threads}, torch_threads={args.torch_threads}, faiss_threads={args.faiss_threads},
+text_runtime={args.text_runtime}, encode_batch={args.encode_batch}; {len(QUERIES)} distinct queries
+({'Flickr8k test captions' if QUERIES is not FALLBACK_QUERIES else 'fixed list'}), drawn at random per request;
 k=10 results from K=100 candidates; warm; {args.seconds} s per cell).
 
 {note}

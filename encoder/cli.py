@@ -44,11 +44,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not args.data:
             raise ValueError("--data DIR (a folder with images and pairs.jsonl) or --index DIR is required")
         encoder = Encoder.from_pretrained(args.checkpoint, device=args.device)
+        runtime = encoder.set_text_runtime(args.text_runtime)
         col = load_pairs(args.data, args.pairs, split=args.split)
         images, captions = encode_collection(encoder, col, workers=args.workers)
         caption_image = torch.tensor(col.caption_image)
         stage_one, score = None, encoder.score_config
-        source = f"{args.data} split={args.split or 'all'} checkpoint={args.checkpoint or 'default'}"
+        source = f"{args.data} split={args.split or 'all'} checkpoint={args.checkpoint or 'default'} text={runtime}"
     encode_s = time.time() - t0
     if args.alpha is not None:
         score = score.model_copy(update={"alpha": args.alpha})
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--modes", nargs="+", default=["global", "two_stage", "exhaustive"],
                    choices=["global", "two_stage", "exhaustive"])
     e.add_argument("--alpha", type=float, help="override the checkpoint's local/global mixing weight")
+    e.add_argument("--text-runtime", default="torch", choices=["torch", "onnx", "onnx-int8"],
+                   help="what encodes the captions (the service's query encoders; onnx needs onnxruntime)")
     e.add_argument("--json", help="also write the results as JSON keyed by mode")
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--workers", type=int, default=1, help="image decoding workers")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .backbones import ImageBackbone, TextBackbone, TokenBatch, build_image_backbone, build_text_backbone
+from .backbones import HFText, ImageBackbone, TextBackbone, TokenBatch, build_image_backbone, build_text_backbone
 from .heads import Embeddings
 from .model import TGDTModel
 
@@ -26,6 +26,25 @@ class Encoder:
         self.model = model.eval().to(self.device)
         self.image_backbone = image_backbone.eval().to(self.device)
         self.text_backbone = text_backbone.eval().to(self.device)
+        self._onnx_text = None
+
+    def set_text_runtime(self, runtime: str, threads: int | None = None) -> str:
+        """Run `encode_texts` on "torch", "onnx" or "onnx-int8" (ONNX Runtime, CPU only).
+
+        Returns the runtime in use: an ONNX choice falls back to "torch" on CUDA, for a
+        non-transformers text backbone, or where onnxruntime is not installed.
+        """
+        from . import onnx_text
+
+        if runtime not in onnx_text.RUNTIMES:
+            raise ValueError(f"text runtime must be one of {onnx_text.RUNTIMES}, not {runtime!r}")
+        self._onnx_text = None
+        if runtime == "torch" or self.device.type != "cpu" or not isinstance(self.text_backbone, HFText) \
+                or not onnx_text.available():
+            return "torch"
+        self._onnx_text = onnx_text.OnnxTextEncoder(self.text_backbone, self.model.text_head, threads,
+                                                    int8=runtime == "onnx-int8")
+        return runtime
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path | None = None, device: torch.device | str | None = None) -> "Encoder":
@@ -56,6 +75,8 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> Embeddings:
+        if self._onnx_text is not None:
+            return self._onnx_text(list(texts))
         return self.model.encode_text_tokens(self.text_backbone(list(texts)))
 
     @torch.inference_mode()

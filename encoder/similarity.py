@@ -99,8 +99,36 @@ def local_for_candidates_batched(query_tokens: torch.Tensor, query_mask: torch.T
     Q, K, S, D = cand_tokens.shape
     T = query_tokens.shape[1]
     sim = torch.bmm(query_tokens, cand_tokens.reshape(Q, K * S, D).transpose(1, 2)).view(Q, T, K, S)
+    return _mrsw_from_sim(sim, query_mask, cand_mask, query_is_text, reduce)
+
+
+def local_from_flat(sim: torch.Tensor, query_mask: torch.Tensor, lengths: torch.Tensor, query_is_text: bool,
+                    reduce: str = "mean") -> torch.Tensor:
+    """MrSw of one query against K candidates whose tokens lie back to back (as the index stores
+    them): sim [T, sum(lengths)] (query tokens x candidate tokens) -> [K].
+
+    Lets the service score straight from stored rows: padding the small score matrix costs far
+    less than padding the candidates' token vectors.
+    """
+    lengths = lengths.to(torch.long)
+    K, T = int(lengths.numel()), sim.shape[0]
+    S = int(lengths.max()) if K else 0
+    cand_mask = torch.arange(S)[None, :] < lengths[:, None]
+    if bool(cand_mask.all()):
+        sim4 = sim.reshape(1, T, K, S)
+    else:
+        sim4 = sim.new_full((T, K * S), NEG)
+        sim4[:, cand_mask.reshape(-1)] = sim
+        sim4 = sim4.view(1, T, K, S)
+    return _mrsw_from_sim(sim4, query_mask[None], cand_mask[None], query_is_text, reduce)[0]
+
+
+def _mrsw_from_sim(sim: torch.Tensor, query_mask: torch.Tensor, cand_mask: torch.Tensor, query_is_text: bool,
+                   reduce: str) -> torch.Tensor:
+    """[Q, T, K, S] token scores -> [Q, K] MrSw (words: the caption side, whichever is the query)."""
     if query_is_text:  # words = query [Q, T]; cells = candidates [Q, K, S]
-        best = sim.masked_fill(~cand_mask[:, None, :, :], NEG).max(dim=-1).values  # [Q, T, K]
+        full = bool(cand_mask.all())  # e.g. image grids: nothing to mask, skip a copy of sim
+        best = (sim if full else sim.masked_fill(~cand_mask[:, None, :, :], NEG)).max(dim=-1).values  # [Q, T, K]
         best = best * query_mask[:, :, None].to(best.dtype)
         total = best.sum(1)
         count = query_mask.sum(1, keepdim=True)

@@ -295,6 +295,33 @@ def encode_into(folder: Path, cfg: BuildConfig, source: Source, encoder,
     return {"encode_seconds": time.perf_counter() - t0, "batches": batches, "resumed_from": start}
 
 
+def build_galleries(seg: Segment, dim: int, option: str, nprobe_recall: float | None,
+                    folder: Path) -> dict[str, FaissParams]:
+    """One FAISS gallery per kind from a segment's global vectors, saved into `folder`.
+
+    IVF galleries get the smallest nprobe whose recall@100 reaches `nprobe_recall`, measured
+    with the other modality's vectors as queries (what the service will search with).
+    """
+    fparams: dict[str, FaissParams] = {}
+    for kind in KINDS:
+        vec, ids = seg.kinds[kind]["global"], seg.kinds[kind]["ids"]
+        p = choose_faiss(len(ids), dim, option if len(ids) else "flat")
+        index = faiss_index.build_index(vec, ids, p)
+        if nprobe_recall is not None and p.kind in ("ivf", "ivfpq"):
+            other = seg.kinds["caption" if kind == "image" else "image"]["global"]
+            queries = _calibration_queries(other if len(other) >= 32 else vec)
+            nprobe, recall = faiss_index.calibrate_nprobe(index, vec, ids, p, queries, target=nprobe_recall)
+            p = p.model_copy(update={"nprobe": nprobe, "recall": round(recall, 4)})
+        fparams[kind] = p
+        faiss_index.save(index, folder / FAISS[kind])
+    return fparams
+
+
+def _calibration_queries(vectors: np.ndarray, n: int = 256, seed: int = 0) -> np.ndarray:
+    take = np.sort(np.random.default_rng(seed).choice(len(vectors), size=min(n, len(vectors)), replace=False))
+    return np.ascontiguousarray(vectors[take], dtype=np.float32)
+
+
 def finalize(folder: Path, cfg: BuildConfig, encoder, source_root: Path, checkpoint_digest: str,
              stats: dict) -> Manifest:
     """Raw files -> HDF5 segment, FAISS galleries, report, manifest (all inside `folder`)."""
@@ -302,14 +329,7 @@ def finalize(folder: Path, cfg: BuildConfig, encoder, source_root: Path, checkpo
     raws = {k: RawKind.at(folder, k) for k in KINDS}
     counts = write_segment(folder / SEGMENT0, raws, cfg.tokens, encoder.dim, codec.row_bytes)
     seg = Segment(folder / SEGMENT0)
-    fparams: dict[str, FaissParams] = {}
-    for kind in KINDS:
-        vec, ids = seg.kinds[kind]["global"], seg.kinds[kind]["ids"]
-        p = choose_faiss(len(ids), encoder.dim, cfg.faiss)
-        if len(ids) == 0:
-            p = choose_faiss(0, encoder.dim, "flat")
-        fparams[kind] = p
-        faiss_index.save(faiss_index.build_index(vec, ids, p), folder / FAISS[kind])
+    fparams = build_galleries(seg, encoder.dim, cfg.faiss, cfg.nprobe_recall, folder)
     del seg
     con = metadata.connect(folder / META)
     problems = metadata.read_report(con)
@@ -330,7 +350,8 @@ def finalize(folder: Path, cfg: BuildConfig, encoder, source_root: Path, checkpo
                 "deleted_captions": 0},
         files=file_entries(folder, files),
         build={**summary, "encode_seconds": round(stats.get("encode_seconds", 0.0), 2),
-               "captions_file": cfg.captions, "split": cfg.split, "faiss_option": cfg.faiss},
+               "captions_file": cfg.captions, "split": cfg.split, "faiss_option": cfg.faiss,
+               "nprobe_recall": cfg.nprobe_recall},
     )
     write_manifest(folder, m)
     return m

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 FORMAT_VERSION = 1
 FaissKind = Literal["auto", "flat", "ivf", "hnsw", "ivfpq"]
@@ -38,6 +38,7 @@ class FaissParams(_Strict):
     nprobe: int | None = None
     ef_search: int | None = None
     train_size: int = 0
+    recall: float | None = None  # recall@100 measured at `nprobe` when the build calibrated it
 
 
 def _pow2(x: float) -> int:
@@ -85,6 +86,10 @@ class BuildConfig(_Strict):
     device: str | None = None
     progress: bool = True
     codec_train_tokens: int = 65536  # token vectors sampled to train a pq/opq codec
+    # IVF galleries: search with the smallest nprobe whose measured recall@100 reaches this
+    # (queries: the other modality's vectors in the index, else the gallery's own); None keeps
+    # the size rule's nprobe
+    nprobe_recall: float | None = Field(0.99, gt=0, le=1)
 
     @field_validator("tokens")
     @classmethod

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import faiss_index, metadata
-from .build import BuildError, encode_into, open_encoder
-from .config import BuildConfig, choose_faiss
+from .build import BuildError, build_galleries, encode_into, open_encoder
+from .config import BuildConfig
 from .inputs import read_source
 from .manifest import CODEC, FAISS, META, REPORT, Manifest, file_entries, read_manifest, write_manifest
 from .tokenstore import KINDS, RawKind, Segment, gather_rows, write_segment
@@ -232,13 +232,8 @@ def compact(index: str | Path, chunk: int = 4096) -> Manifest:
         for r in raws.values():
             r.remove()
         seg = Segment(staging / seg_name)
-        fparams = {}
-        option = m.build.get("faiss_option", "auto")
-        for kind in KINDS:
-            vec, ids = seg.kinds[kind]["global"], seg.kinds[kind]["ids"]
-            p = choose_faiss(len(ids), m.dim, option if len(ids) else "flat")
-            fparams[kind] = p
-            faiss_index.save(faiss_index.build_index(vec, ids, p), staging / FAISS[kind])
+        fparams = build_galleries(seg, m.dim, m.build.get("faiss_option", "auto"),
+                                  m.build.get("nprobe_recall", 0.99), staging)
         del seg
         files = [seg_name, *FAISS.values(), *[CODEC[k] for k in KINDS if (staging / CODEC[k]).is_file()]]
         m = m.model_copy(update={"segments": [seg_name], "faiss": fparams, "files": file_entries(staging, files)})

@@ -240,17 +240,13 @@ class Searcher(IndexStore):
         timings["faiss"] = time.perf_counter() - t0
         # ---- stage two
         t0 = time.perf_counter()
-        need_tokens = rerank or explain
-        g = self.gather(kind, cand) if need_tokens else None
-        stored = g.global_ if g is not None else self._globals(kind, cand)
-        gscore = torch.from_numpy(stored @ q_global[0])
+        gscore = torch.from_numpy(self._globals(kind, cand) @ q_global[0])
         local = None
         if rerank and len(cand):
-            from encoder.similarity import fuse, local_for_candidates
+            from encoder.similarity import fuse
 
             qt, qm = query.tokens.reshape(-1, query.tokens.shape[-1]).float().cpu(), query.mask.reshape(-1).cpu()
-            local = local_for_candidates(qt, qm, torch.from_numpy(g.tokens), torch.from_numpy(g.mask),
-                                         query_is_text=(query_kind == "text"), reduce=self.score.local_reduce)
+            local = self.local_scores(kind, cand, qt, qm, query_is_text=(query_kind == "text"))
             final = fuse(gscore, local, self.score)
         else:
             final = gscore
@@ -259,7 +255,7 @@ class Searcher(IndexStore):
         hits = self._hits(kind, cand[order], final[order], gscore[order],
                           None if local is None else local[order])
         if explain and hits:
-            self._explain(hits, order, query, query_kind, kind, g, words)
+            self._explain(hits, query, query_kind, kind, words)
         timings["total"] = encode_seconds + time.perf_counter() - t_start
         return SearchResult(hits, timings, int(len(cand)))
 
@@ -286,14 +282,36 @@ class Searcher(IndexStore):
                             image_id=d.get("image_id")))
         return hits
 
-    def _explain(self, hits, order, query, query_kind, kind, g: Gathered, words) -> None:
+    def local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
+                     query_is_text: bool) -> torch.Tensor:
+        """MrSw of one query [T, D] against each of `ids`, scored from the stored rows.
+
+        The stored codes go straight into one GEMM per segment (`TokenCodec.scores`) and MrSw
+        is taken over the flat score matrix: no decoded, padded [K, S, D] candidate block.
+        """
+        from encoder.similarity import local_from_flat
+
+        seg_of, pos = self.tables[kind].locate(np.asarray(ids, np.int64))
+        out = torch.zeros(len(ids))
+        for s in np.unique(seg_of):
+            sel = np.nonzero(seg_of == s)[0]
+            data = self.segments[int(s)].kinds[kind]
+            p = pos[sel]
+            codes, lens = gather_rows(data["rows"], data["offsets"][p], data["lengths"][p])
+            sim = self.codecs[kind].scores(qt, codes)
+            out[torch.from_numpy(sel)] = local_from_flat(sim, qm, torch.from_numpy(lens), query_is_text,
+                                                         self.score.local_reduce)
+        return out
+
+    def _explain(self, hits, query, query_kind, kind, words) -> None:
         """Per hit, every caption word's best image cell (row/col in the grid) and its score."""
         from encoder.similarity import word_alignment
 
         gw = self.grid[1]
         qt = query.tokens.reshape(-1, query.tokens.shape[-1]).float().cpu()
         qm = query.mask.reshape(-1).cpu()
-        for h, j in zip(hits, order):
+        g = self.gather(kind, np.array([h.id for h in hits], np.int64))
+        for j, h in enumerate(hits):
             ct, cm = torch.from_numpy(g.tokens[j]), torch.from_numpy(g.mask[j])
             if query_kind == "text" and kind == "image":
                 idx, sc = word_alignment(qt, qm, ct[None], cm[None])
@@ -325,8 +343,6 @@ class Searcher(IndexStore):
     def rerank_cost(self, candidates: int = 100, repeats: int = 5) -> float:
         """Measured seconds per re-ranked candidate (gather + MrSw), cached after the first call."""
         if self._rerank_cost is None:
-            from encoder.similarity import local_for_candidates
-
             ids = self.tables["image"].live_ids
             if len(ids) == 0:
                 return 0.0
@@ -337,9 +353,7 @@ class Searcher(IndexStore):
             for _ in range(repeats):
                 c = rng.choice(ids, size=min(candidates, len(ids)), replace=False)
                 t0 = time.perf_counter()
-                g = self.gather("image", np.sort(c))
-                local_for_candidates(qt, qm, torch.from_numpy(g.tokens), torch.from_numpy(g.mask), True,
-                                     self.score.local_reduce)
+                self.local_scores("image", np.sort(c), qt, qm, query_is_text=True)
                 times.append((time.perf_counter() - t0) / len(c))
             self._rerank_cost = float(np.median(times))
         return self._rerank_cost

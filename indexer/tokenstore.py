@@ -24,6 +24,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 KINDS = ("image", "caption")
 
@@ -91,6 +92,19 @@ class TokenCodec:
         norm = codes[:, -2:].copy().view(np.float16).astype(np.float32)
         x = self._index.sa_decode(np.ascontiguousarray(codes[:, :-2])) if n else np.zeros((0, self.dim), np.float32)
         return _unit(x)[0] * norm
+
+    def scores(self, query: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
+        """query [T, D] . decode(codes)^T -> [T, n] float32.
+
+        int8 scores the integer codes and scales the [T, n] result, so the n x D decoded rows
+        (the bulk of a re-rank's memory traffic) are never formed with their scales applied.
+        """
+        codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        if self.form == "int8":
+            q8 = torch.from_numpy(codes[:, : self.dim].view(np.int8)).float()
+            scale = torch.from_numpy(codes[:, self.dim:].copy().view(np.float16).reshape(-1).astype(np.float32))
+            return (query @ q8.T) * scale
+        return query @ torch.from_numpy(self.decode(codes)).T
 
     # persistence: FAISS's own serialisation (not pickle) for trained codecs
     def to_bytes(self) -> bytes | None:

@@ -62,7 +62,14 @@ def default_loader(settings: ServiceSettings) -> Loader:
             from encoder.pipeline import Encoder
 
             encoder = Encoder.from_pretrained(settings.checkpoint, device=settings.device)
-        return Searcher(index_dir, encoder=encoder, device=settings.device)
+        searcher = Searcher(index_dir, encoder=encoder, device=settings.device)
+        runtime = searcher.encoder.set_text_runtime(settings.text_runtime, threads=settings.torch_threads)
+        log.info("text queries encoded with %s, up to %d per pass", runtime, settings.encode_batch)
+        if settings.encode_batch > 1:
+            from .batching import CoalescingEncoder
+
+            searcher.encoder = CoalescingEncoder(searcher.encoder, settings.encode_batch)
+        return searcher
 
     return load
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -57,7 +57,13 @@ class ServiceSettings(BaseSettings):
 
     search_threads: int = Field(4, ge=1, le=64, description="bounded executor running encoders + FAISS")
     faiss_threads: int | None = Field(None, ge=1, description="OpenMP threads for FAISS (1 is best for single queries)")
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads for torch")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads for torch (and the ONNX text encoder)")
+    text_runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "onnx", description="what encodes text queries on CPU: onnx (ONNX Runtime, same embeddings as torch, "
+        "~2x faster), onnx-int8 (int8 weights, faster again, slightly different embeddings: see "
+        "BENCHMARKS.md), torch; CUDA always uses torch")
+    encode_batch: int = Field(16, ge=1, le=256, description="concurrent text queries encoded in one pass "
+                              "(1: never coalesce)")
     background_load: bool = Field(True, description="load the index after startup; /readyz says when done")
     keep_alive_s: float = Field(75.0, gt=0, description="idle keep-alive; above a load balancer's idle timeout "
                                 "(60 s typical) so a reused connection is never closed under a client's request")
