@@ -249,7 +249,10 @@ so anything above ~2 means other work shared them: absolute latencies are then p
 """
     print(body)
     if not args.no_write:
-        write_section("Service: bounded load run" if args.skip_latency else "Service: HTTP latency", body)
+        title = "Service: bounded load run" if args.skip_latency else "Service: HTTP latency"
+        if args.text_runtime != "onnx":
+            title += f" (text_runtime={args.text_runtime})"
+        write_section(title, body)
     return 0
 
 

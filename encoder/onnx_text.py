@@ -53,46 +53,37 @@ class OnnxTextEncoder:
     """`int8`: weights quantised per output channel (ONNX Runtime dynamic quantisation): about
     twice as fast again for a short query; the embeddings move slightly (cosine ~0.997 to the
     float ones), so its retrieval cost is measured in BENCHMARKS.md before anyone picks it.
+
+    The legacy exporter fixes the head's attention length at export, so there is one graph
+    per word-slot bucket (8, 16, max_tokens): a query runs the smallest one that holds its
+    words, and the masked slots change nothing (tested against PyTorch).
     """
 
     def __init__(self, backbone: HFText, head: nn.Module, threads: int | None = None, int8: bool = False):
         import onnxruntime as ort
 
         self.tokenizer, self.max_tokens = backbone.tokenizer, backbone.max_tokens
+        self.buckets = sorted({min(b, self.max_tokens) for b in (8, 16, self.max_tokens)})
         graph = _TextGraph(backbone, head).eval()
-        feeds = self._feeds(["a sample caption for the export", "two"])
-        buf = io.BytesIO()
-        axes = {name: {0: "batch", 1: "length"} for name in ("input_ids", "attention_mask", "token_type_ids")}
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX form
-        try:
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer notes on shape-dependent Python branches
-                torch.onnx.export(graph, tuple(torch.from_numpy(v) for v in feeds.values()), buf,
-                                  input_names=list(feeds), output_names=["global", "tokens"],
-                                  dynamic_axes={**axes, "order": {0: "batch"}, "word_mask": {0: "batch"},
-                                                "global": {0: "batch"}, "tokens": {0: "batch"}},
-                                  opset_version=17, dynamo=False)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-        model = buf.getvalue()
-        if int8:
-            model = _quantize(model)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = threads or torch.get_num_threads()
         so.inter_op_num_threads = 1
+        # no busy-waiting workers: a server's other threads (FAISS, HTTP) need those cycles
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
-        self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        self.sessions = {}
+        for T in self.buckets:
+            model = _export(graph, self._feeds(["a sample caption for the export", "two"], T))
+            self.sessions[T] = ort.InferenceSession(_quantize(model) if int8 else model, so,
+                                                    providers=["CPUExecutionProvider"])
 
-    def _feeds(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def _feeds(self, texts: list[str], T: int | None = None) -> dict[str, np.ndarray]:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens + 2,
                              return_tensors="np", return_special_tokens_mask=True)
         keep = enc["attention_mask"].astype(bool) & ~enc["special_tokens_mask"].astype(bool)
         lengths = np.minimum(np.maximum(keep.sum(1), 1), self.max_tokens)
-        # The head always sees max_tokens word slots (the legacy exporter fixes attention's
-        # sequence length at export); masked slots change nothing and __call__ trims them.
-        T = self.max_tokens
+        T = T or next(b for b in self.buckets if b >= int(lengths.max()))
         order = np.zeros((len(texts), T), np.int64)
         ranked = np.argsort(~keep, axis=1, kind="stable")[:, :T]
         order[:, : ranked.shape[1]] = ranked
@@ -103,10 +94,29 @@ class OnnxTextEncoder:
 
     def __call__(self, texts: list[str]) -> Embeddings:
         feeds = self._feeds(texts)
-        glob, tokens = self.session.run(None, feeds)
+        glob, tokens = self.sessions[feeds["order"].shape[1]].run(None, feeds)
         T = int(feeds["word_mask"].sum(1).max())
         mask = feeds["word_mask"][:, :T].astype(bool)
-        return Embeddings(torch.from_numpy(glob), torch.from_numpy(np.ascontiguousarray(tokens[:, :T])), torch.from_numpy(mask))
+        return Embeddings(torch.from_numpy(glob), torch.from_numpy(np.ascontiguousarray(tokens[:, :T])),
+                          torch.from_numpy(mask))
+
+
+def _export(graph: nn.Module, feeds: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    axes = {name: {0: "batch", 1: "length"} for name in ("input_ids", "attention_mask", "token_type_ids")}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX form
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes on shape-dependent Python branches
+            torch.onnx.export(graph, tuple(torch.from_numpy(v) for v in feeds.values()), buf,
+                              input_names=list(feeds), output_names=["global", "tokens"],
+                              dynamic_axes={**axes, "order": {0: "batch"}, "word_mask": {0: "batch"},
+                                            "global": {0: "batch"}, "tokens": {0: "batch"}},
+                              opset_version=17, dynamo=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return buf.getvalue()
 
 
 def _quantize(model: bytes) -> bytes:

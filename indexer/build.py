@@ -300,17 +300,21 @@ def build_galleries(seg: Segment, dim: int, option: str, nprobe_recall: float | 
     """One FAISS gallery per kind from a segment's global vectors, saved into `folder`.
 
     IVF galleries get the smallest nprobe whose recall@100 reaches `nprobe_recall`, measured
-    with the other modality's vectors as queries (what the service will search with).
+    with the other modality's vectors as queries (what the service will search with); without
+    them the size rule's nprobe stays.
     """
     fparams: dict[str, FaissParams] = {}
     for kind in KINDS:
         vec, ids = seg.kinds[kind]["global"], seg.kinds[kind]["ids"]
         p = choose_faiss(len(ids), dim, option if len(ids) else "flat")
         index = faiss_index.build_index(vec, ids, p)
-        if nprobe_recall is not None and p.kind in ("ivf", "ivfpq"):
-            other = seg.kinds["caption" if kind == "image" else "image"]["global"]
-            queries = _calibration_queries(other if len(other) >= 32 else vec)
-            nprobe, recall = faiss_index.calibrate_nprobe(index, vec, ids, p, queries, target=nprobe_recall)
+        other = seg.kinds["caption" if kind == "image" else "image"]["global"]
+        # only the other modality stands in for real queries: a gallery's own vectors sit much
+        # closer to it than a caption does to its image (they would pick 4x too small an nprobe)
+        if nprobe_recall is not None and p.kind in ("ivf", "ivfpq") and len(other) >= 32:
+            queries = _calibration_queries(other)
+            truth = faiss_index.exact_top([(vec, ids)], queries, min(100, len(ids)))
+            nprobe, recall = faiss_index.calibrate_nprobe(index, p, queries, truth, target=nprobe_recall)
             p = p.model_copy(update={"nprobe": nprobe, "recall": round(recall, 4)})
         fparams[kind] = p
         faiss_index.save(index, folder / FAISS[kind])

@@ -114,6 +114,32 @@ def _cmd_search(args) -> int:
     return 0
 
 
+def read_queries(path: str | Path) -> list[str]:
+    """One query per line, or every caption of a pairs-style .jsonl file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        out: list[str] = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}:{n}: not a JSON line") from None
+                caps = row.get("captions", row.get("query", [])) if isinstance(row, dict) else []
+                out += [caps] if isinstance(caps, str) else [c for c in caps if isinstance(c, str)]
+        return out
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _cmd_tune(args) -> int:
+    from .maintain import tune
+
+    p = tune(args.index, read_queries(args.queries), target=args.target, recall=args.recall)
+    print(f"{args.target}: {p.factory} nprobe={p.nprobe} (recall@100 {p.recall:.4f} on the given queries)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="indexer", description="Build and maintain image-text retrieval indexes.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -157,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compact", help="rewrite the index without deleted items, merge segments")
     c.add_argument("index")
     c.set_defaults(func=_cmd_compact)
+
+    t = sub.add_parser("tune", help="re-pick an IVF gallery's nprobe for a recall target from real queries")
+    t.add_argument("index")
+    t.add_argument("--queries", required=True, help="text file, one query per line (or a pairs .jsonl: its captions)")
+    t.add_argument("--target", default="images", choices=["images", "captions"], help="the gallery searched")
+    t.add_argument("--recall", type=float, default=0.99, help="recall@100 against exact search to reach")
+    t.set_defaults(func=_cmd_tune)
 
     i = sub.add_parser("info", help="counts, sizes, model, FAISS parameters, health")
     i.add_argument("index")

@@ -45,13 +45,18 @@ def _pow2(x: float) -> int:
     return 1 << max(0, round(math.log2(max(1.0, x))))
 
 
+def rule_nprobe(nlist: int) -> int:
+    """nprobe for `nlist` lists when nothing has been measured (the size rule above)."""
+    return min(nlist, max(16, nlist // 32))
+
+
 def choose_faiss(n: int, dim: int, kind: str = "auto") -> FaissParams:
     """The FAISS index for a gallery of `n` vectors of `dim` (rule above for `auto`)."""
     if kind == "auto":
         kind = "flat" if n <= FLAT_MAX else ("ivf" if n < IVFPQ_MIN else "ivfpq")
     # the lists need ~39 training points per centroid; small galleries get fewer lists
     nlist = max(1, min(_pow2(4 * math.sqrt(max(n, 1))), max(1, n // 39)))
-    nprobe = min(nlist, max(16, nlist // 32))
+    nprobe = rule_nprobe(nlist)
     if kind == "flat":
         return FaissParams(kind="flat", factory="Flat")
     if kind == "ivf":
@@ -87,8 +92,8 @@ class BuildConfig(_Strict):
     progress: bool = True
     codec_train_tokens: int = 65536  # token vectors sampled to train a pq/opq codec
     # IVF galleries: search with the smallest nprobe whose measured recall@100 reaches this
-    # (queries: the other modality's vectors in the index, else the gallery's own); None keeps
-    # the size rule's nprobe
+    # (queries: the other modality's vectors in the index; without them, or with None, the
+    # size rule's nprobe stays)
     nprobe_recall: float | None = Field(0.99, gt=0, le=1)
 
     @field_validator("tokens")

@@ -67,34 +67,37 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, params: FaissParams, seed:
     return index
 
 
-def exact_top(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int,
+def exact_top(blocks: list[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int,
               step: int = 262_144) -> np.ndarray:
-    """Exact inner-product top-k ids of `queries` over `vectors` (a memmap is fine), by blocks."""
+    """Exact inner-product top-k ids of `queries` over (vectors, ids) blocks (memmaps are fine),
+    read `step` rows at a time so memory stays bounded."""
     import faiss
 
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    for s in range(0, len(vectors), step):
-        block = faiss.IndexFlatIP(q.shape[1])
-        block.add(np.ascontiguousarray(vectors[s:s + step], dtype=np.float32))
-        D, I = block.search(q, min(k, block.ntotal))
-        heap.add_result(D, np.where(I >= 0, np.asarray(ids[s:s + step])[np.maximum(I, 0)], -1))
+    for vectors, ids in blocks:
+        for s in range(0, len(vectors), step):
+            block = faiss.IndexFlatIP(q.shape[1])
+            block.add(np.ascontiguousarray(vectors[s:s + step], dtype=np.float32))
+            D, I = block.search(q, min(k, block.ntotal))
+            got = np.asarray(ids[s:s + step])[np.maximum(I, 0)]
+            heap.add_result(np.ascontiguousarray(D), np.ascontiguousarray(np.where(I >= 0, got, -1)))
     heap.finalize()
     return heap.I
 
 
-def calibrate_nprobe(index, vectors: np.ndarray, ids: np.ndarray, params: FaissParams, queries: np.ndarray,
-                     k: int = 100, target: float = 0.99) -> tuple[int, float]:
-    """The smallest power-of-two nprobe (up to the rule's) whose recall@k on `queries` reaches `target`.
+def calibrate_nprobe(index, params: FaissParams, queries: np.ndarray, truth: np.ndarray,
+                     target: float = 0.99) -> tuple[int, float]:
+    """The smallest power-of-two nprobe (up to the rule's) whose recall@k against `truth`
+    (exact top-k ids of `queries`, from `exact_top`) reaches `target`.
 
-    The rule's nprobe (nlist/32) is a safe guess for any data; measuring on the gallery itself
-    usually finds a third to a quarter of it enough, and FAISS time per query is linear in it.
+    The rule's nprobe (nlist/32) is a safe guess for any data; measured on real queries, a
+    half or a quarter of it is often enough, and FAISS time per query is linear in it.
     Returns (nprobe, its measured recall).
     """
     if params.kind not in ("ivf", "ivfpq") or not params.nprobe or len(queries) == 0:
         return params.nprobe or 0, 1.0
-    k = min(k, len(ids))
-    truth = exact_top(vectors, ids, queries, k)
+    k = truth.shape[1]
     nprobe, recall = params.nprobe, 1.0
     for p in sorted({min(params.nprobe, 1 << i) for i in range(3, 16)}):
         _, got = search(index, queries, k, params.model_copy(update={"nprobe": p}))

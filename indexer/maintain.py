@@ -18,7 +18,7 @@ import numpy as np
 
 from . import faiss_index, metadata
 from .build import BuildError, build_galleries, encode_into, open_encoder
-from .config import BuildConfig
+from .config import BuildConfig, FaissParams
 from .inputs import read_source
 from .manifest import CODEC, FAISS, META, REPORT, Manifest, file_entries, read_manifest, write_manifest
 from .tokenstore import KINDS, RawKind, Segment, gather_rows, write_segment
@@ -243,3 +243,50 @@ def compact(index: str | Path, chunk: int = 4096) -> Manifest:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def tune(index: str | Path, queries: list[str], target: str = "images", recall: float = 0.99,
+         k: int = 100) -> FaissParams:
+    """Re-pick an IVF gallery's nprobe from real queries (e.g. a query log) and store it.
+
+    A build can only calibrate with the index's own other-modality vectors (none in an
+    image-only collection); the queries people actually send are the better sample. Only the
+    manifest changes (atomically); a running service picks it up at its next reload.
+    """
+    from .searcher import TARGETS, Searcher
+
+    if target not in TARGETS:
+        raise ValueError(f"target must be 'images' or 'captions', not {target!r}")
+    queries = [q for q in queries if q.strip()]
+    if len(queries) < 10:
+        raise ValueError(f"need at least 10 non-empty queries to measure recall, got {len(queries)}")
+    if not 0 < recall <= 1:
+        raise ValueError(f"recall must be in (0, 1], not {recall}")
+    index = Path(index)
+    s = Searcher(index)
+    kind = TARGETS[target]
+    p = s.manifest.faiss[kind]
+    if p.kind not in ("ivf", "ivfpq"):
+        raise ValueError(f"the {target} gallery is {p.factory}: only IVF galleries have an nprobe to tune")
+    q = np.concatenate([s.encoder.encode_texts(queries[i:i + 256]).global_.float().cpu().numpy()
+                        for i in range(0, len(queries), 256)])
+    deleted = s.tables[kind].deleted_ids
+    blocks = []
+    for seg in s.segments:
+        vec, ids = seg.kinds[kind]["global"], np.asarray(seg.kinds[kind]["ids"])
+        if len(deleted):
+            live = ~np.isin(ids, deleted)
+            vec, ids = np.asarray(vec)[live], ids[live]
+        blocks.append((vec, ids))
+    ntotal = sum(len(b[1]) for b in blocks)
+    truth = faiss_index.exact_top(blocks, q, min(k, ntotal))
+    import faiss
+
+    nlist = faiss.extract_index_ivf(s.faiss[kind]).nlist  # the ceiling: a tune may also raise nprobe
+    nprobe, got = faiss_index.calibrate_nprobe(s.faiss[kind], p.model_copy(update={"nprobe": nlist}),
+                                              q, truth, target=recall)
+    p = p.model_copy(update={"nprobe": nprobe, "recall": round(got, 4)})
+    m = read_manifest(index)
+    write_manifest(index, m.model_copy(update={"faiss": {**m.faiss, kind: p}}))
+    return p
+

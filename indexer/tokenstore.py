@@ -19,6 +19,7 @@ codes the direction (trained on unit vectors) plus the length as fp16 (2 more by
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,10 +102,20 @@ class TokenCodec:
         """
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         if self.form == "int8":
-            q8 = torch.from_numpy(codes[:, : self.dim].view(np.int8)).float()
+            q8 = self._scratch(codes.shape[0])
+            q8.copy_(torch.from_numpy(codes[:, : self.dim].view(np.int8)))
             scale = torch.from_numpy(codes[:, self.dim:].copy().view(np.float16).reshape(-1).astype(np.float32))
             return (query @ q8.T) * scale
         return query @ torch.from_numpy(self.decode(codes)).T
+
+    def _scratch(self, n: int) -> torch.Tensor:
+        """A per-thread float buffer for decoded rows: a fresh multi-MB array per query costs
+        more in page faults than the conversion itself."""
+        local = self.__dict__.setdefault("_local", threading.local())
+        buf = getattr(local, "buf", None)
+        if buf is None or buf.shape[0] < n:
+            buf = local.buf = torch.empty(max(n, 4096), self.dim)
+        return buf[:n]
 
     # persistence: FAISS's own serialisation (not pickle) for trained codecs
     def to_bytes(self) -> bytes | None:

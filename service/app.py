@@ -112,7 +112,7 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
     # --- search --------------------------------------------------------------------------------
     @app.post("/search/text", response_model=SearchResponse, responses=SEARCH_ERRORS, tags=["search"],
               summary="Text -> ranked images (explain: word grounding per hit)")
-    async def search_text(req: TextSearchRequest, _: None = Depends(require_key)) -> SearchResponse:
+    async def search_text(req: TextSearchRequest, _: None = Depends(require_key)) -> Response:
         t0 = time.perf_counter()
         if len(req.query) > settings.max_query_chars:
             raise ClientError(422, f"query too long: {len(req.query)} characters, the limit is "
@@ -126,7 +126,7 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
     @app.post("/search/image", response_model=SearchResponse, responses=SEARCH_ERRORS, tags=["search"],
               summary="Image -> ranked captions (target=images: similar images)",
               openapi_extra={"requestBody": _image_request_body()})
-    async def search_image(request: Request, _: None = Depends(require_key)) -> SearchResponse:
+    async def search_image(request: Request, _: None = Depends(require_key)) -> Response:
         t0 = time.perf_counter()
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json":
@@ -297,7 +297,7 @@ def _ref(h: IndexHandle) -> IndexRef:
 
 
 def _respond(engine: Engine, handle: IndexHandle, endpoint: str, opts: SearchOptions, result: Any, auto: bool,
-             t0: float) -> SearchResponse:
+             t0: float) -> Response:
     timings = dict(getattr(result, "timings", {}) or {})
     used = int(getattr(result, "candidates", 0) or 0)
     engine.metrics.observe_stages(endpoint, timings)
@@ -308,8 +308,11 @@ def _respond(engine: Engine, handle: IndexHandle, endpoint: str, opts: SearchOpt
     ms = {k: round(float(v) * 1000.0, 3) for k, v in timings.items() if k in ("encode", "faiss", "rerank", "total")
           and _finite(v)}
     ms["request"] = round((time.perf_counter() - t0) * 1000.0, 3)
-    return SearchResponse(hits=hits, mode=opts.mode, k=opts.k, candidates=used, candidates_auto=auto,
+    body = SearchResponse(hits=hits, mode=opts.mode, k=opts.k, candidates=used, candidates_auto=auto,
                           timings_ms=Timings(**ms), grid=handle.grid, index=_ref(handle))
+    # already a validated SearchResponse: serialise it once here instead of letting FastAPI
+    # re-validate it and walk it through jsonable_encoder (a third of the framework's time per search)
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def _hit(h: Any, grid: tuple[int, int] | None) -> HitOut:

@@ -75,6 +75,47 @@ def test_stored_vectors_match_fresh_encoding(built, tiny_collection):
     assert (c.mask.sum(1) == captions.mask.sum(1).numpy()).all()
 
 
+@pytest.mark.parametrize("tokens", ["fp16", "int8"])
+def test_rerank_scores_from_stored_rows_equal_decoded_blocks(tiny_collection, tiny_checkpoint, tmp_path, tokens):
+    """The service scores candidates straight from stored codes; same numbers as decoding them."""
+    from encoder.similarity import local_for_candidates
+
+    out = tmp_path / "idx"
+    build(cfg(tiny_collection, out, tiny_checkpoint, tokens=tokens))
+    s = Searcher(out)
+    for kind, query_is_text, ids in (("image", True, np.arange(6)), ("caption", False, np.arange(6, 18))):
+        q = s.encoder.encode_texts(["red dog runs"]) if query_is_text else \
+            s.encoder.encode_images([Image.open(tiny_collection / "images" / "img2.jpg")])
+        qt, qm = q.tokens[0], q.mask[0]
+        g = s.gather(kind, ids[::-1].copy())
+        ref = local_for_candidates(qt, qm, torch.from_numpy(g.tokens), torch.from_numpy(g.mask), query_is_text,
+                                   s.score.local_reduce)
+        got = s.local_scores(kind, ids[::-1].copy(), qt, qm, query_is_text)
+        assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_tune_sets_nprobe_from_queries_and_refuses_bad_input(tiny_collection, tiny_checkpoint, tmp_path, capsys):
+    from indexer.cli import main
+
+    out = tmp_path / "ivf"
+    build(cfg(tiny_collection, out, tiny_checkpoint, faiss="ivf"))
+    queries = tmp_path / "q.txt"
+    queries.write_text("\n".join(f"red dog {i}" for i in range(12)) + "\n\n")
+    assert main(["tune", str(out), "--queries", str(queries)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["faiss"]["image"]["nprobe"] >= 1 and m["faiss"]["image"]["recall"] == 1.0
+    assert "nprobe=" in capsys.readouterr().out
+    assert Searcher(out).search_text("red dog", k=2).hits  # the index still loads and searches
+    few = tmp_path / "few.txt"
+    few.write_text("one\ntwo\n")
+    assert main(["tune", str(out), "--queries", str(few)]) == 2
+    assert "at least 10" in capsys.readouterr().err
+    assert main(["tune", str(built_flat := tmp_path / "flat"), "--queries", str(queries)]) == 2  # not an index
+    build(cfg(tiny_collection, built_flat, tiny_checkpoint))
+    assert main(["tune", str(built_flat), "--queries", str(queries)]) == 2
+    assert "only IVF galleries" in capsys.readouterr().err
+
+
 def test_search_text_image_filters_explain(built, tiny_collection):
     s = Searcher(built)
     res = s.search_text("red dog runs", k=3, explain=True)
