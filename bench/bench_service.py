@@ -200,10 +200,11 @@ def main() -> int:
                 results[f"{mode}-c8"] = wrk(s.url, mode, 8, args.seconds, threads=2)
                 print(mode, results[f"{mode}-c1"], results[f"{mode}-c8"], file=sys.stderr)
         load, rss_before, rss_after = None, float("nan"), float("nan")
+        anon_before, anon_after = float("nan"), float("nan")
         if args.load_requests > 0:
-            rss_before = rss_mib(s.proc.pid)
+            rss_before, anon_before = rss_mib(s.proc.pid), rss_mib(s.proc.pid, "RssAnon")
             load = bounded(s.url, args.load_requests, 32)
-            rss_after = rss_mib(s.proc.pid)
+            rss_after, anon_after = rss_mib(s.proc.pid), rss_mib(s.proc.pid, "RssAnon")
         print("load", load, rss_before, rss_after, file=sys.stderr)
         import httpx
 
@@ -227,7 +228,9 @@ def main() -> int:
         load_text = f"""Bounded load run (mode=rerank, concurrency 32, Python httpx async client): {load['requests']} requests in
 {load['seconds']:.1f} s ({load['rps']:.0f} req/s, client-side p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms);
 errors: {load['errors']} (status codes {load['codes']}); server 5xx over the whole run (from /metrics):
-{errors_5xx:.0f}; server RSS {rss_before:.0f} MiB before -> {rss_after:.0f} MiB after ({rss_after - rss_before:+.0f} MiB)."""
+{errors_5xx:.0f}; server anonymous memory (RssAnon: heap, the figure a leak grows) {anon_before:.0f} MiB before ->
+{anon_after:.0f} MiB after ({anon_after - anon_before:+.0f} MiB); VmRSS {rss_before:.0f} -> {rss_after:.0f} MiB (includes the
+memory-mapped token store's pages touched by {len(QUERIES)} distinct queries: page cache, not heap)."""
     body = f"""Command: `.venv/bin/python bench/bench_service.py {how}` (client: `wrk`, same machine, loopback; server: `service --index`, 1 process,
 search_threads={args.search_threads}, torch_threads={args.torch_threads}, faiss_threads={args.faiss_threads},
 text_runtime={args.text_runtime}, encode_batch={args.encode_batch}; {len(QUERIES)} distinct queries

@@ -96,6 +96,10 @@ class TrainConfig(_Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     epochs: int = 20
     captions_per_epoch: int | None = None  # rounds of one caption per image per epoch (None = every caption once)
+    # hard-negative batches: images k-means-clustered on their pooled backbone features; each
+    # batch is made of blocks of `hard_block` images from one cluster (0 = plain random batches)
+    hard_block: int = Field(0, ge=0)
+    hard_clusters: int = Field(64, ge=2)
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05

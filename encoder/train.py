@@ -100,15 +100,40 @@ def split_items(feats: Features, split: str, limit: int | None) -> tuple[torch.T
     return torch.tensor(imgs), caps, pos[feats.caption_image[caps]]
 
 
+def image_clusters(feats: Features, imgs: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """k-means cluster id of each image, on its L2-normalised mean-pooled backbone cells."""
+    import faiss
+
+    pooled = torch.cat([feats.image_tokens[imgs[s:s + 512]].float().mean(1) for s in range(0, len(imgs), 512)])
+    x = np.ascontiguousarray(torch.nn.functional.normalize(pooled, dim=-1).numpy(), dtype=np.float32)
+    km = faiss.Kmeans(x.shape[1], min(k, len(x)), niter=20, seed=seed, spherical=True)
+    km.train(x)
+    return torch.from_numpy(km.index.search(x, 1)[1][:, 0].astype(np.int64))
+
+
+def hard_order(clusters: torch.Tensor, block: int, gen: torch.Generator) -> torch.Tensor:
+    """A permutation of the images in shuffled blocks of `block` images from one cluster: a
+    batch then holds a few groups of look-alikes (hard negatives for each other) among
+    unrelated images, instead of almost only easy negatives."""
+    blocks = []
+    for c in torch.unique(clusters).tolist():
+        members = torch.nonzero(clusters == c).squeeze(1)
+        members = members[torch.randperm(len(members), generator=gen)]
+        blocks += list(members.split(block))
+    return torch.cat([blocks[i] for i in torch.randperm(len(blocks), generator=gen).tolist()])
+
+
 def epoch_batches(images: torch.Tensor, caps_of: list[torch.Tensor], batch_size: int, gen: torch.Generator,
-                  rounds: int | None = None):
+                  rounds: int | None = None, clusters: torch.Tensor | None = None, block: int = 0):
     """Rounds of (image, one of its captions); each batch holds an image at most once, so
-    off-diagonal pairs are true negatives. rounds=None: every caption once per epoch."""
+    off-diagonal pairs are true negatives. rounds=None: every caption once per epoch.
+    `clusters` + `block`: batches of same-cluster blocks (`hard_order`)."""
     full = rounds is None
     rounds = max(len(c) for c in caps_of) if full else rounds
     order = [c[torch.randperm(len(c), generator=gen)] for c in caps_of]
     for r in range(rounds):
-        perm = torch.randperm(len(images), generator=gen)
+        perm = hard_order(clusters, block, gen) if clusters is not None and block else \
+            torch.randperm(len(images), generator=gen)
         if full:
             perm = torch.tensor([p for p in perm.tolist() if len(order[p]) > r], dtype=torch.long)
         for s in range(0, len(perm) - batch_size + 1, batch_size):
@@ -227,7 +252,9 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
     no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = sum(1 for _ in epoch_batches(tr_imgs, caps_of, bs, torch.Generator().manual_seed(0), cfg.captions_per_epoch))
+    clusters = image_clusters(feats, tr_imgs, cfg.hard_clusters, cfg.seed) if cfg.hard_block else None
+    batches = lambda gen: epoch_batches(tr_imgs, caps_of, bs, gen, cfg.captions_per_epoch, clusters, cfg.hard_block)
+    steps_per_epoch = sum(1 for _ in batches(torch.Generator().manual_seed(0)))
     total = steps_per_epoch * cfg.epochs
     state_dir = out / "state"
     meta = {"epoch": 0, "best_rsum": -1.0, "history": []}
@@ -238,7 +265,7 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
     for epoch in range(meta["epoch"], cfg.epochs):
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        bar = tqdm(epoch_batches(tr_imgs, caps_of, bs, gen, cfg.captions_per_epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = tqdm(batches(gen), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, unit="step")
         step = epoch * steps_per_epoch
         for img_idx, cap_idx in bar:

@@ -8,7 +8,8 @@ request after it pays no lazy-initialisation cost.
 
 Why an executor: encoding and FAISS are blocking CPU/GPU calls; running them on the event
 loop would serialise every concurrent request. A bounded pool keeps them off the loop and
-caps how many run at once (on 2 cores more threads only add contention).
+caps how many run at once; the requests inside it that reach the text encoder together are
+encoded in one pass (`batching.CoalescingEncoder`).
 """
 from __future__ import annotations
 

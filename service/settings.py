@@ -55,7 +55,8 @@ class ServiceSettings(BaseSettings):
     rerank_budget_ms: float = Field(20.0, gt=0, description="latency budget of the re-rank for candidates='auto'")
     auto_min_candidates: int = Field(10, ge=1, description="floor of the auto depth (never below k either)")
 
-    search_threads: int = Field(4, ge=1, le=64, description="bounded executor running encoders + FAISS")
+    search_threads: int = Field(8, ge=1, le=64, description="bounded executor running encoders + FAISS; "
+                                "requests waiting in it share one text-encoder pass (encode_batch)")
     faiss_threads: int | None = Field(None, ge=1, description="OpenMP threads for FAISS (1 is best for single queries)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for torch (and the ONNX text encoder)")
     text_runtime: Literal["torch", "onnx", "onnx-int8"] = Field(

@@ -36,3 +36,28 @@ def test_train_few_steps_on_real_pairs_and_resume(flickr8k, tmp_path):
     assert log2["history"][0] == log["history"][0]
     assert 0.0 <= TGDTModel.from_pretrained(tmp_path / "run" / "checkpoint").config.score.alpha <= 1.0
     assert torch.isfinite(model.logit_scale)
+
+
+def test_hard_negative_batches_group_look_alikes_and_stay_true_negatives():
+    from encoder.train import epoch_batches, hard_order
+
+    clusters = torch.tensor([0] * 10 + [1] * 7 + [2] * 3)
+    gen = torch.Generator().manual_seed(0)
+    order = hard_order(clusters, 4, gen)
+    assert sorted(order.tolist()) == list(range(20))  # a permutation
+    # cut back into its blocks: each block holds one cluster only
+    runs, prev = [], None
+    for i in order.tolist():
+        c = int(clusters[i])
+        if c != prev or len(runs[-1]) == 4:
+            runs.append([])
+        runs[-1].append(i)
+        prev = c
+    assert all(len({int(clusters[i]) for i in r}) == 1 for r in runs)
+    caps_of = [torch.tensor([100 + i, 200 + i]) for i in range(20)]
+    images = torch.arange(20) + 1000
+    batches = list(epoch_batches(images, caps_of, 8, gen, rounds=1, clusters=clusters, block=4))
+    assert len(batches) == 2
+    for imgs, caps in batches:
+        assert len(set(imgs.tolist())) == 8  # an image at most once per batch
+        assert all(int(c) % 100 == int(i) - 1000 for i, c in zip(imgs, caps))  # captions stay with their image
