@@ -91,8 +91,9 @@ def wrk(url: str, mode: str, conns: int, seconds: int, limit_per_thread: int = 0
     return r
 
 
-def bounded(url: str, total: int, conns: int) -> dict:
-    """Exactly `total` re-rank requests over `conns` keep-alive connections (wrk runs by time only)."""
+def bounded(url: str, total: int, conns: int, rounds: int = 1, between=None) -> dict:
+    """Exactly `total` re-rank requests over `conns` keep-alive connections (wrk runs by time only),
+    in `rounds` equal rounds with `between()` called after each (its values come back as "between")."""
     import asyncio
 
     import httpx
@@ -100,10 +101,9 @@ def bounded(url: str, total: int, conns: int) -> dict:
     async def run() -> dict:
         codes: dict[str, int] = {}
         lat: list[float] = []
-        left = iter(range(total))
 
         async def worker(c: httpx.AsyncClient) -> None:
-            for i in left:
+            for i in left:  # the current round's shared iterator
                 t0 = time.perf_counter()
                 try:
                     r = await c.post(url + "/search/text", json={"query": QUERIES[i % len(QUERIES)], "k": 10,
@@ -116,12 +116,17 @@ def bounded(url: str, total: int, conns: int) -> dict:
 
         limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
         t0 = time.perf_counter()
+        after: list = []
         async with httpx.AsyncClient(timeout=60, limits=limits) as c:
-            await asyncio.gather(*(worker(c) for _ in range(conns)))
+            for r in range(rounds):
+                left = iter(range(r * total // rounds, (r + 1) * total // rounds))
+                await asyncio.gather(*(worker(c) for _ in range(conns)))
+                if between is not None:
+                    after.append(between())
         took = time.perf_counter() - t0
         lat.sort()
         return {"requests": len(lat), "seconds": took, "rps": len(lat) / took, "codes": codes,
-                "errors": sum(v for k, v in codes.items() if k != "200"),
+                "errors": sum(v for k, v in codes.items() if k != "200"), "between": after,
                 "p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[int(len(lat) * 0.99)] * 1e3}
 
     return asyncio.run(run())
@@ -203,7 +208,9 @@ def main() -> int:
         anon_before, anon_after = float("nan"), float("nan")
         if args.load_requests > 0:
             rss_before, anon_before = rss_mib(s.proc.pid), rss_mib(s.proc.pid, "RssAnon")
-            load = bounded(s.url, args.load_requests, 32)
+            # heap after each of 5 rounds: growth that stops after the first round is warm-up
+            # (per-thread buffers, allocator arenas); growth in every round would be a leak
+            load = bounded(s.url, args.load_requests, 32, rounds=5, between=lambda: rss_mib(s.proc.pid, "RssAnon"))
             rss_after, anon_after = rss_mib(s.proc.pid), rss_mib(s.proc.pid, "RssAnon")
         print("load", load, rss_before, rss_after, file=sys.stderr)
         import httpx
@@ -229,7 +236,8 @@ def main() -> int:
 {load['seconds']:.1f} s ({load['rps']:.0f} req/s, client-side p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms);
 errors: {load['errors']} (status codes {load['codes']}); server 5xx over the whole run (from /metrics):
 {errors_5xx:.0f}; server anonymous memory (RssAnon: heap, the figure a leak grows) {anon_before:.0f} MiB before ->
-{anon_after:.0f} MiB after ({anon_after - anon_before:+.0f} MiB); VmRSS {rss_before:.0f} -> {rss_after:.0f} MiB (includes the
+{anon_after:.0f} MiB after ({anon_after - anon_before:+.0f} MiB; after each fifth of the run:
+{' -> '.join(f'{v:.0f}' for v in load['between'])} MiB); VmRSS {rss_before:.0f} -> {rss_after:.0f} MiB (includes the
 memory-mapped token store's pages touched by {len(QUERIES)} distinct queries: page cache, not heap)."""
     body = f"""Command: `.venv/bin/python bench/bench_service.py {how}` (client: `wrk`, same machine, loopback; server: `service --index`, 1 process,
 search_threads={args.search_threads}, torch_threads={args.torch_threads}, faiss_threads={args.faiss_threads},
