@@ -248,7 +248,7 @@ k=10 results from K=100 candidates; warm; {args.seconds} s per cell).
 {note}
 
 Index: {info.get('images')} images, {info.get('captions')} captions, dim {info.get('dim')}, grid {info.get('grid')},
-tokens {info.get('token_form')}, FAISS image index `{faiss.get('factory', '?')}`, model
+tokens {info.get('token_form')}, FAISS image index `{faiss.get('factory', '?')}` nprobe {faiss.get('nprobe')}, model
 `{(info.get('model') or {}).get('text_backbone')}` text backbone; load + warm-up {load_s:.1f} s.
 
 {table}Targets (issue 4): rerank p50 <= 15 ms, p99 <= 40 ms at c=1; >= 150 req/s at c=8.
