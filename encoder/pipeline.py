@@ -5,6 +5,7 @@ checkpoint; the indexer, the service and the evaluation all encode through this 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ class Encoder:
         """Run `encode_texts` on "torch", "onnx" or "onnx-int8" (ONNX Runtime, CPU only).
 
         Returns the runtime in use: an ONNX choice falls back to "torch" on CUDA, for a
-        non-transformers text backbone, or where onnxruntime is not installed.
+        non-transformers text backbone, where onnxruntime is not installed, or when the export fails.
         """
         from . import onnx_text
 
@@ -42,8 +43,13 @@ class Encoder:
         if runtime == "torch" or self.device.type != "cpu" or not isinstance(self.text_backbone, HFText) \
                 or not onnx_text.available():
             return "torch"
-        self._onnx_text = onnx_text.OnnxTextEncoder(self.text_backbone, self.model.text_head, threads,
-                                                    int8=runtime == "onnx-int8")
+        try:
+            self._onnx_text = onnx_text.OnnxTextEncoder(self.text_backbone, self.model.text_head, threads,
+                                                        int8=runtime == "onnx-int8")
+        except Exception as e:  # an exotic text model the exporter cannot trace: still serve, on torch
+            logging.getLogger(__name__).warning("ONNX export of the text encoder failed (%s); using torch",
+                                                str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return "torch"
         return runtime
 
     @classmethod

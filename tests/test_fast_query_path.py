@@ -67,6 +67,17 @@ def test_tiny_text_backbone_stays_on_torch(tiny_checkpoint):
     assert enc.set_text_runtime("onnx") == "torch"
 
 
+def test_failed_export_falls_back_to_torch(default_encoder, monkeypatch):
+    import encoder.onnx_text as onnx_text
+
+    def broken(*a, **k):
+        raise RuntimeError("cannot trace this model")
+
+    monkeypatch.setattr(onnx_text, "OnnxTextEncoder", broken)
+    assert default_encoder.set_text_runtime("onnx") == "torch"
+    assert default_encoder.encode_texts(["a dog"]).global_.shape[0] == 1
+
+
 class SlowEncoder:
     """Each pass sleeps, so concurrent callers overlap; rows are a function of their text."""
 
