@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random checkpoint (fast, no real backbones) and the real data root."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,4 +61,16 @@ def tiny_collection(tmp_path) -> Path:
             Image.fromarray(arr).save(root / "images" / f"img{i}.jpg")
             caps = [" ".join(rng.choice(words, size=5)) for _ in range(2)]
             f.write(json.dumps({"image": f"images/img{i}.jpg", "captions": caps, "split": "test", "n": i}) + "\n")
+    return root
+
+
+@pytest.fixture()
+def messy_collection(tiny_collection) -> Path:
+    """The tiny collection plus a corrupt file and a byte-identical duplicate (order-dependent cases)."""
+    root = tiny_collection
+    (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    shutil.copyfile(root / "images" / "img1.jpg", root / "images" / "copy_of_1.jpg")
+    with (root / "pairs.jsonl").open("a") as f:
+        f.write(json.dumps({"image": "images/broken.jpg", "captions": ["nothing to see"], "split": "test"}) + "\n")
+        f.write(json.dumps({"image": "images/copy_of_1.jpg", "captions": ["same photo again"], "split": "test"}) + "\n")
     return root

@@ -3,7 +3,6 @@ as the single-machine build — same rows, ids, duplicate/skip report, vectors a
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -28,18 +27,6 @@ def local_ray():
         pytest.skip(f"a local Ray node could not start on this machine: {str(e).splitlines()[0]}")
     yield
     ray.shutdown()
-
-
-@pytest.fixture()
-def messy_collection(tiny_collection) -> Path:
-    """The tiny collection plus a corrupt file and a byte-identical duplicate (order-dependent cases)."""
-    root = tiny_collection
-    (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    shutil.copyfile(root / "images" / "img1.jpg", root / "images" / "copy_of_1.jpg")
-    with (root / "pairs.jsonl").open("a") as f:
-        f.write(json.dumps({"image": "images/broken.jpg", "captions": ["nothing to see"], "split": "test"}) + "\n")
-        f.write(json.dumps({"image": "images/copy_of_1.jpg", "captions": ["same photo again"], "split": "test"}) + "\n")
-    return root
 
 
 def rows(index: Path) -> list[tuple]:

@@ -4,7 +4,6 @@ must equal the single-machine build. Runs where Ray is not installed (CI without
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -50,14 +49,9 @@ def rows(index: Path) -> list[tuple]:
 
 
 @pytest.mark.parametrize("sizes,seed", [([3, 1, 4, 2], 0), ([8], 1), ([1] * 8, 2)])
-def test_shards_merge_into_the_single_machine_index(tiny_collection, tiny_checkpoint, tmp_path, monkeypatch,
+def test_shards_merge_into_the_single_machine_index(messy_collection, tiny_checkpoint, tmp_path, monkeypatch,
                                                     sizes, seed):
-    col = tiny_collection
-    (col / "images" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
-    shutil.copyfile(col / "images" / "img2.jpg", col / "images" / "again.jpg")
-    with (col / "pairs.jsonl").open("a") as f:
-        f.write(json.dumps({"image": "images/broken.jpg", "captions": ["x y"], "split": "test"}) + "\n")
-        f.write(json.dumps({"image": "images/again.jpg", "captions": ["a copy"], "split": "test"}) + "\n")
+    col = messy_collection
     base = BuildConfig(images=str(col), captions=str(col / "pairs.jsonl"), out=str(tmp_path / "local"),
                        checkpoint=str(tiny_checkpoint), batch_size=3, workers=0, progress=False)
     build(base)
@@ -70,7 +64,7 @@ def test_shards_merge_into_the_single_machine_index(tiny_collection, tiny_checkp
     from indexer.searcher import Searcher
 
     a, b = Searcher(local), Searcher(merged)
-    for q in ["red dog runs", "blue cat sits on snow", "a copy"]:
+    for q in ["red dog runs", "blue cat sits on snow", "same photo again"]:
         ha, hb = a.search_text(q, k=5).hits, b.search_text(q, k=5).hits
         assert [h.id for h in ha] == [h.id for h in hb]
         np.testing.assert_allclose([h.score for h in ha], [h.score for h in hb], atol=1e-3)
