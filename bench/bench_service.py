@@ -152,6 +152,7 @@ def main() -> int:
     p.add_argument("--images", type=int, default=2000, help="images in the fallback index built here")
     p.add_argument("--seconds", type=int, default=20)
     p.add_argument("--load-requests", type=int, default=10_000)
+    p.add_argument("--workers", type=int, default=1, help="server processes (service --workers)")
     p.add_argument("--search-threads", type=int, default=8)
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--faiss-threads", type=int, default=1)
@@ -190,7 +191,7 @@ def main() -> int:
                 "1M-image synthetic index; encode cost is far below the real text encoder's.**")
     env = {"SERVICE_SEARCH_THREADS": str(args.search_threads), "SERVICE_TORCH_THREADS": str(args.torch_threads),
            "SERVICE_FAISS_THREADS": str(args.faiss_threads), "SERVICE_TEXT_RUNTIME": args.text_runtime,
-           "SERVICE_ENCODE_BATCH": str(args.encode_batch)}
+           "SERVICE_ENCODE_BATCH": str(args.encode_batch), "SERVICE_WORKERS": str(args.workers)}
     results: dict[str, dict] = {}
     load_avg = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
     with Served(index, env=env) as s:
@@ -239,7 +240,7 @@ errors: {load['errors']} (status codes {load['codes']}); server 5xx over the who
 {anon_after:.0f} MiB after ({anon_after - anon_before:+.0f} MiB; after each fifth of the run:
 {' -> '.join(f'{v:.0f}' for v in load['between'])} MiB); VmRSS {rss_before:.0f} -> {rss_after:.0f} MiB (includes the
 memory-mapped token store's pages touched by {len(QUERIES)} distinct queries: page cache, not heap)."""
-    body = f"""Command: `.venv/bin/python bench/bench_service.py {how}` (client: `wrk`, same machine, loopback; server: `service --index`, 1 process,
+    body = f"""Command: `.venv/bin/python bench/bench_service.py {how}` (client: `wrk`, same machine, loopback; server: `service --index`, workers={args.workers},
 search_threads={args.search_threads}, torch_threads={args.torch_threads}, faiss_threads={args.faiss_threads},
 text_runtime={args.text_runtime}, encode_batch={args.encode_batch}; {len(QUERIES)} distinct queries
 ({'Flickr8k test captions' if QUERIES is not FALLBACK_QUERIES else 'fixed list'}), drawn at random per request;
@@ -263,6 +264,8 @@ so anything above ~2 means other work shared them: absolute latencies are then p
         title = "Service: bounded load run" if args.skip_latency else "Service: HTTP latency"
         if args.text_runtime != "onnx":
             title += f" (text_runtime={args.text_runtime})"
+        if args.workers != 1:
+            title += f" (workers={args.workers})"
         write_section(title, body)
     return 0
 

@@ -20,13 +20,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (a `--workers` supervisor and its workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            todo += [int(c) for c in task.read_text().split()]
+    return out
+
+
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
-    """VmRSS counts the memory-mapped token store's pages as they are touched (page cache, given
-    back under pressure); RssAnon is the process's own heap: the figure a leak would grow."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
+    """Summed over the process and its children (workers). VmRSS counts the memory-mapped token
+    store's pages as they are touched (page cache, given back under pressure; shared pages count
+    once per worker); RssAnon is the processes' own heap: the figure a leak would grow."""
+    total, seen = 0.0, False
+    for p in _tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.startswith(field + ":"):
+                total += int(line.split()[1]) / 1024.0
+                seen = True
+    return total if seen else float("nan")
 
 
 class Served:

@@ -129,10 +129,16 @@ def save(index, path: Path) -> None:
     faiss.write_index(index, str(path))
 
 
-def load(path: Path):
+def load(path: Path, mmap: bool = False):
+    """`mmap`: map the stored vectors instead of reading them into the heap (read-only use): the
+    page cache holds one copy however many server processes search the same index, and a
+    1M-image gallery loads in a fraction of a second. Searches cost the same once pages are warm."""
     import faiss
 
-    return faiss.read_index(str(path))
+    flags = 0
+    if mmap and hasattr(faiss, "IO_FLAG_MMAP_IFC"):
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+    return faiss.read_index(str(path), flags)
 
 
 def search(index, queries: np.ndarray, k: int, params: FaissParams, allow: np.ndarray | None = None,

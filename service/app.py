@@ -63,9 +63,11 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 _api_key_query = APIKeyQuery(name="api_key", auto_error=False)
 
 
-def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None, loader: Loader | None = None) -> FastAPI:
+def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None, loader: Loader | None = None,
+               peers: Any = None) -> FastAPI:
     """Build the app. `searcher` serves an already loaded Searcher; otherwise the index in
-    `settings.index_dir` is loaded at startup (in the background unless `background_load` is off)."""
+    `settings.index_dir` is loaded at startup (in the background unless `background_load` is off).
+    `peers` (`service.workers.Peers`) links a worker process to its siblings under `--workers N`."""
     settings = settings or ServiceSettings()
     metrics = Metrics()
     engine = Engine(settings, loader=loader, metrics=metrics)
@@ -77,18 +79,22 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = None
+        announced = peers.pending() if peers is not None else None  # what the sibling workers serve now
         if not engine.ready and settings.index_dir is not None:
+            first = announced[1] if announced else None
             if settings.background_load:
                 engine.loading = True
-                task = asyncio.create_task(_load_logged(engine))
+                task = asyncio.create_task(_load_logged(engine, first))
             else:
-                await engine.load()
-        hup = _install_sighup(engine)
+                await engine.load(first)
+            if announced:
+                peers.applied = announced[0]
+        handlers = _install_signals(engine, peers)
         try:
             yield
         finally:
-            if hup:
-                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            for sig in handlers:
+                asyncio.get_running_loop().remove_signal_handler(sig)
             if task is not None and not task.done():
                 task.cancel()
             engine.close()
@@ -105,8 +111,9 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
                            allow_headers=["Content-Type", "X-API-Key", "Authorization"], max_age=600)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
-    def require_key(header: str | None = Security(_api_key_header), query: str | None = Security(_api_key_query)
-                    ) -> None:
+    async def require_key(header: str | None = Security(_api_key_header),
+                          query: str | None = Security(_api_key_query)) -> None:
+        # async: a plain `def` dependency costs every request a hop through the thread pool
         _check_key(settings.api_key, header, query)
 
     # --- search --------------------------------------------------------------------------------
@@ -215,6 +222,8 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
                 handle = await engine.load(target)
             except IndexLoadError as e:
                 raise ClientError(400 if target else 503, str(e)) from None
+            if peers is not None:  # the other worker processes load the same index
+                peers.announce(handle.index_dir)
             return ReloadResponse(index=_ref(handle), load_seconds=round(time.perf_counter() - t0, 4))
 
     # --- the web page ---------------------------------------------------------------------------
@@ -229,27 +238,46 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
 
 
 # --- helpers -----------------------------------------------------------------------------------
-async def _load_logged(engine: Engine) -> None:
+async def _load_logged(engine: Engine, target: Path | None = None, peers: Any = None, seq: int | None = None
+                       ) -> None:
     try:
-        await engine.load()
+        await engine.load(target)
     except IndexLoadError as e:
         log.error("%s", e)
+        return
+    if peers is not None and seq is not None:
+        peers.applied = seq
 
 
-def _install_sighup(engine: Engine) -> bool:
-    """SIGHUP reloads the configured index dir (point a symlink at a new version, then HUP)."""
+def _install_signals(engine: Engine, peers: Any) -> list[int]:
+    """SIGHUP reloads the configured index dir (point a symlink at a new version, then HUP);
+    under `--workers`, the reload signal loads the index a sibling announced."""
     if not hasattr(signal, "SIGHUP"):
-        return False
+        return []
 
     def on_hup() -> None:
         log.info("SIGHUP: reloading %s", engine.settings.index_dir)
         asyncio.ensure_future(_load_logged(engine))
 
-    try:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
-    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread (tests), or no signals
-        return False
-    return True
+    def on_announce() -> None:
+        pending = peers.pending()
+        if pending is not None:
+            log.info("a sibling worker announced %s: loading it", pending[1])
+            asyncio.ensure_future(_load_logged(engine, pending[1], peers, pending[0]))
+
+    wanted = [(signal.SIGHUP, on_hup)]
+    if peers is not None:
+        from .workers import RELOAD_SIGNAL
+
+        wanted.append((RELOAD_SIGNAL, on_announce))
+    installed = []
+    for sig, fn in wanted:
+        try:
+            asyncio.get_running_loop().add_signal_handler(sig, fn)
+        except (RuntimeError, ValueError, NotImplementedError):  # not the main thread (tests), or no signals
+            break
+        installed.append(sig)
+    return installed
 
 
 async def _not_ready(request: Request, exc: Exception) -> JSONResponse:

@@ -30,6 +30,7 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML or JSON settings file (or SERVICE_CONFIG_FILE)")
     p.add_argument("--checkpoint", type=Path, help="override the checkpoint the index names")
     p.add_argument("--device", help="torch device (default: CUDA when present, else CPU)")
+    p.add_argument("--workers", type=int, help="server processes sharing the port (default 1; SERVICE_WORKERS)")
     return p
 
 
@@ -39,7 +40,8 @@ def settings_from_args(args: argparse.Namespace, **extra):
 
     overrides = {k: v for k, v in {"index_dir": getattr(args, "index", None), "host": args.host, "port": args.port,
                                    "config_file": args.config, "checkpoint": getattr(args, "checkpoint", None),
-                                   "device": args.device, **extra}.items() if v is not None}
+                                   "device": args.device,
+                                   "workers": getattr(args, "workers", None), **extra}.items() if v is not None}
     return ServiceSettings(**overrides)
 
 
@@ -57,6 +59,15 @@ def serve(settings, index_dir: Path | None = None) -> int:
 
     settings = settings.model_copy(update={"index_dir": Path(target)})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.workers > 1:
+        from .workers import check_loads, serve_workers
+
+        reason = check_loads(settings, Path(target))
+        if reason:
+            return _fail(EXIT_LOAD, f"cannot load index {target}: {reason}")
+        print(f"service: serving {target} on http://{settings.host}:{settings.port}/ with {settings.workers} "
+              "worker processes", file=sys.stderr)
+        return serve_workers(settings, Path(target))
     try:
         searcher = default_loader(settings)(Path(target).resolve())
     except Exception as e:  # a bad index/checkpoint is the user's to fix: one line, no traceback

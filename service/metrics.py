@@ -1,9 +1,12 @@
 """Prometheus metrics: requests, errors, request latency, and latency per search stage.
 
 One registry per app (not the process-global default) so that several apps in one process
-(tests, a hot-swap rehearsal) never collide on metric names.
+(tests, a hot-swap rehearsal) never collide on metric names. Under `service --workers N` the
+values live in prometheus_client's multiprocess files and /metrics sums every worker's.
 """
 from __future__ import annotations
+
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -18,6 +21,7 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # set by service.workers
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("service_requests_total", "HTTP requests", ["route", "method", "status"], registry=r)
@@ -31,11 +35,14 @@ class Metrics:
                                     buckets=(1, 10, 25, 50, 100, 200, 400, 800, 1600, 5000, 10000), registry=r)
         self.auto_cost = Gauge("service_rerank_cost_per_candidate_seconds",
                                "EWMA of the measured re-rank cost per candidate (drives candidates='auto')",
-                               registry=r)
-        self.generation = Gauge("service_index_generation", "index generation being served", registry=r)
-        self.items = Gauge("service_index_images", "images in the served index", registry=r)
+                               multiprocess_mode="liveall", registry=r)
+        self.generation = Gauge("service_index_generation", "index generation being served (per worker)",
+                                multiprocess_mode="liveall", registry=r)
+        self.items = Gauge("service_index_images", "images in the served index", multiprocess_mode="livemax",
+                           registry=r)
         self.swaps = Counter("service_index_swaps_total", "index loads/swaps", ["result"], registry=r)
-        self.in_flight = Gauge("service_requests_in_flight", "requests being handled", registry=r)
+        self.in_flight = Gauge("service_requests_in_flight", "requests being handled", multiprocess_mode="livesum",
+                               registry=r)
 
     def observe_stages(self, endpoint: str, timings_s: dict[str, float]) -> None:
         for stage in STAGES:
@@ -44,4 +51,10 @@ class Metrics:
                 self.stage.labels(endpoint, stage).observe(v)
 
     def render(self) -> bytes:
+        if self.multiprocess_dir:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+            return generate_latest(registry)
         return generate_latest(self.registry)

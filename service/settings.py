@@ -65,6 +65,9 @@ class ServiceSettings(BaseSettings):
         "BENCHMARKS.md), torch; CUDA always uses torch")
     encode_batch: int = Field(16, ge=1, le=256, description="concurrent text queries encoded in one pass "
                               "(1: never coalesce)")
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing the port; each loads the index "
+                         "(the token store's pages are shared), so Python's per-request work runs on every core "
+                         "(see service.workers); SIGHUP and /admin/reload reach them all")
     background_load: bool = Field(True, description="load the index after startup; /readyz says when done")
     keep_alive_s: float = Field(75.0, gt=0, description="idle keep-alive; above a load balancer's idle timeout "
                                 "(60 s typical) so a reused connection is never closed under a client's request")
