@@ -198,6 +198,10 @@ def test_calibrated_nprobe_reaches_its_recall():
     assert all(set(a) == set(b) for a, b in zip(truth, brute))  # blockwise exact top-k is exact
     nprobe, recall = faiss_index.calibrate_nprobe(index, p, q, truth, target=0.95)
     assert 8 <= nprobe <= 64 and recall >= 0.95
+    grid = [8, 12, 16, 24, 32, 48, 64]
+    if nprobe > 8:  # the step below it on the x1.5 grid misses the target: nprobe is the smallest
+        _, below = faiss_index.search(index, q, 50, p.model_copy(update={"nprobe": grid[grid.index(nprobe) - 1]}))
+        assert np.mean([len(set(a) & set(b)) / 50 for a, b in zip(truth, below)]) < 0.95
     _, got = faiss_index.search(index, q, 50, p.model_copy(update={"nprobe": nprobe}))
     assert np.mean([len(set(a) & set(b)) / 50 for a, b in zip(truth, got)]) == pytest.approx(recall)
     strict, r1 = faiss_index.calibrate_nprobe(index, p, q, truth, target=1.0)

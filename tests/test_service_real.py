@@ -226,3 +226,67 @@ def test_console_script_bad_index_dir(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "service.cli", "--index", str(tmp_path)], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
     assert proc.returncode == 1 and "cannot load index" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _generations(url: str) -> dict[str, float]:
+    """Per worker pid: the index generation it serves (multiprocess metrics)."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
+        if line.startswith("service_index_generation{"):
+            out[line.split('pid="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _wait_generation(url: str, gen: int, workers: int) -> dict[str, float]:
+    for _ in range(600):
+        g = _generations(url)
+        if len(g) == workers and all(v == gen for v in g.values()):
+            return g
+        time.sleep(0.1)
+    raise AssertionError(f"workers did not all reach generation {gen}: {g}")
+
+
+def test_workers_share_port_metrics_and_every_swap(indexes, tmp_path):
+    import httpx
+
+    link = tmp_path / "current"
+    link.symlink_to(indexes["a"])
+    port = _free_port()
+    env = {**os.environ, "SERVICE_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--index", str(link), "--port", str(port),
+                             "--workers", "2"], stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, proc)
+        _wait_generation(url, 1, 2)  # two worker processes, each with its own loaded index
+        for _ in range(12):
+            r = httpx.post(url + "/search/text", json={"query": "red dog", "k": 2}, timeout=60)
+            assert r.status_code == 200 and len(r.json()["hits"]) == 2
+        served = sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(url + "/metrics").text.splitlines()
+                     if line.startswith('service_requests_total{method="POST",route="/search/text",status="200"}'))
+        assert served == 12  # summed over the workers, whichever answered
+
+        link.unlink()
+        link.symlink_to(indexes["b"])
+        proc.send_signal(signal.SIGHUP)  # the supervisor forwards it: every worker swaps in place
+        _wait_generation(url, 2, 2)
+        assert all(httpx.get(url + "/readyz").json()["info"]["images"] == 4 for _ in range(6))
+
+        r = httpx.post(url + "/admin/reload", json={"index_dir": str(indexes["a"])}, timeout=120)
+        assert r.status_code == 200 and r.json()["index"]["generation"] == 3
+        _wait_generation(url, 3, 2)  # the sibling worker loaded the announced index too
+        assert all(httpx.get(url + "/readyz").json()["info"]["images"] == 6 for _ in range(6))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert proc.returncode == 0
+
+
+def test_workers_bad_index_fails_before_serving(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "--index", str(tmp_path), "--workers", "2"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 1 and "cannot load index" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
