@@ -151,11 +151,11 @@ def main() -> None:
     tune_s = time.perf_counter() - t4
     tuned_recall, tuned_ms = recall_at(tuned)
     s = Searcher(out, encoder=encoder)
-    lat = []
-    for text in test_caps[:30]:
-        r = s.search_text(text, k=10, candidates=100)
-        lat.append(r.timings)
-    med = {k: 1000 * float(np.median([t[k] for t in lat])) for k in lat[0]}
+    passes = []
+    for _ in range(2):  # first pass: token pages read from disk (cold); second: the same queries, warm
+        lat = [s.search_text(text, k=10, candidates=100).timings for text in test_caps[:30]]
+        passes.append({k: 1000 * float(np.median([t[k] for t in lat])) for k in lat[0]})
+    cold, med = passes
     sizes = {n: f["bytes"] for n, f in m.files.items()}
     cmd = "`.venv/bin/python bench/bench_indexer_1m.py " + " ".join(sys.argv[1:]) + "`"
     body = f"""Command: {cmd}
@@ -175,7 +175,8 @@ seed + Gaussian noise (norm {args.noise}) on the global vector (all {args.n:,} d
 | recall@100 vs exact (200 real Flickr8k test captions as queries) | **{recall:.3f}** ({faiss_ms:.2f} ms/query FAISS, 2 threads, batch of 200) |
 | `indexer tune` on 500 val captions (target recall 0.99) | nprobe {tuned.nprobe} (recall {tuned.recall:.4f} on them), {tune_s:.0f} s |
 | recall@100 at the tuned nprobe, same 200 test captions | **{tuned_recall:.3f}** ({tuned_ms:.2f} ms/query FAISS) |
-| `Searcher.search_text` median ms (30 test captions, K=100 re-rank, tuned nprobe) | {', '.join(f'{k} {v:.1f}' for k, v in med.items())} |
+| `Searcher.search_text` median ms (30 test captions, K=100 re-rank, tuned nprobe), first pass (pages cold) | {', '.join(f'{k} {v:.1f}' for k, v in cold.items())} |
+| the same 30 queries again (warm) | {', '.join(f'{k} {v:.1f}' for k, v in med.items())} |
 """
     print(body)
     write_section("Indexer: 1M-image synthetic index", body)

@@ -140,7 +140,17 @@ def load(path: Path, mmap: bool = False):
     flags = 0
     if mmap and hasattr(faiss, "IO_FLAG_MMAP_IFC"):
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+        _read_through(path)
     return faiss.read_index(str(path), flags)
+
+
+def _read_through(path: Path, step: int = 16 << 20) -> None:
+    """Stream the file once so its pages are in the page cache: a mapped index that is not
+    would fault its inverted lists in with random reads during the first searches (seconds of
+    slow queries after a start or a swap), where one sequential read costs what a heap load did."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(step):
+            pass
 
 
 def search(index, queries: np.ndarray, k: int, params: FaissParams, allow: np.ndarray | None = None,
