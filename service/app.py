@@ -79,7 +79,7 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = None
-        announced = peers.pending() if peers is not None else None  # what the sibling workers serve now
+        announced = peers.claim() if peers is not None else None  # what the sibling workers serve now
         if not engine.ready and settings.index_dir is not None:
             first = announced[1] if announced else None
             if settings.background_load:
@@ -260,7 +260,7 @@ def _install_signals(engine: Engine, peers: Any) -> list[int]:
         asyncio.ensure_future(_load_logged(engine))
 
     def on_announce() -> None:
-        pending = peers.pending()
+        pending = peers.claim()
         if pending is not None:
             log.info("a sibling worker announced %s: loading it", pending[1])
             asyncio.ensure_future(_load_logged(engine, pending[1], peers, pending[0]))

@@ -22,10 +22,11 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-SETTINGS_ENV = "TGDT_SERVICE_SETTINGS"
+SETTINGS_ENV = "TGDT_SERVICE_SETTINGS"  # path of the resolved settings (JSON)
 CONTROL_ENV = "TGDT_SERVICE_CONTROL"
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own switch to multiprocess mode
 RELOAD_SIGNAL = signal.SIGUSR1
@@ -38,6 +39,7 @@ class Peers:
         self.control = Path(control)
         self.supervisor_pid = supervisor_pid
         self.applied: int | None = None  # sequence number of the last announced target loaded here
+        self._claimed: int | None = None  # ... or being loaded here now
         self._lock = threading.Lock()
 
     def current(self) -> tuple[int, Path] | None:
@@ -51,17 +53,22 @@ class Peers:
     def announce(self, index_dir: Path) -> None:
         """This worker now serves `index_dir`: write it down atomically and wake the siblings."""
         with self._lock:
-            seq = (self.current() or (0, None))[0] + 1
+            seq = time.time_ns()  # unique across workers and across a SIGHUP that drops the file
             tmp = self.control.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"seq": seq, "index_dir": str(Path(index_dir).resolve())}))
             os.replace(tmp, self.control)
-            self.applied = seq
+            self.applied = self._claimed = seq
         os.kill(self.supervisor_pid, RELOAD_SIGNAL)
 
-    def pending(self) -> tuple[int, Path] | None:
-        """The announced target when this worker has not loaded it yet."""
-        cur = self.current()
-        return cur if cur is not None and cur[0] != self.applied else None
+    def claim(self) -> tuple[int, Path] | None:
+        """The announced target when this worker has neither loaded it nor started loading it
+        (a second signal during a load must not queue the same load again)."""
+        with self._lock:
+            cur = self.current()
+            if cur is None or cur[0] in (self.applied, self._claimed):
+                return None
+            self._claimed = cur[0]
+            return cur
 
 
 def worker_app():
@@ -69,7 +76,7 @@ def worker_app():
     from .app import create_app
     from .settings import ServiceSettings
 
-    settings = ServiceSettings(**json.loads(os.environ[SETTINGS_ENV]))
+    settings = ServiceSettings(**json.loads(Path(os.environ[SETTINGS_ENV]).read_text()))
     return create_app(settings, peers=Peers(Path(os.environ[CONTROL_ENV]), os.getppid()))
 
 
@@ -117,6 +124,7 @@ def serve_workers(settings: Any, index_dir: Path) -> int:
                     os.kill(p.pid, sig)
 
         def handle_hup(self) -> None:  # each worker reloads its configured index in place
+            control.unlink(missing_ok=True)  # the configured dir is the truth again, for later workers too
             self._forward(signal.SIGHUP)
 
         def handle_usr1(self) -> None:  # a worker announced a new index through /admin/reload
@@ -135,8 +143,13 @@ def serve_workers(settings: Any, index_dir: Path) -> int:
         metrics_dir = Path(tmp) / "metrics"
         metrics_dir.mkdir()
         os.environ[METRICS_ENV] = str(metrics_dir)
-        os.environ[CONTROL_ENV] = str(Path(tmp) / "reload.json")
-        os.environ[SETTINGS_ENV] = _settings_json(settings.model_copy(update={"index_dir": Path(index_dir)}))
+        control = Path(tmp) / "reload.json"
+        os.environ[CONTROL_ENV] = str(control)
+        # resolved settings in a file of the private (0700) temp dir, not in the environment: they hold the keys
+        resolved = Path(tmp) / "settings.json"
+        resolved.touch(mode=0o600)
+        resolved.write_text(_settings_json(settings.model_copy(update={"index_dir": Path(index_dir)})))
+        os.environ[SETTINGS_ENV] = str(resolved)
         config = uvicorn.Config("service.workers:worker_app", factory=True, host=settings.host, port=settings.port,
                                 workers=settings.workers, log_level=settings.log_level.lower(),
                                 timeout_keep_alive=int(settings.keep_alive_s),

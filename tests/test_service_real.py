@@ -290,3 +290,28 @@ def test_workers_bad_index_fails_before_serving(tmp_path):
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert proc.returncode == 1 and "cannot load index" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_peers_announce_and_claim(tmp_path):
+    """The control-file protocol between workers: an announce wakes the supervisor, and every
+    other worker claims the new target exactly once (a second signal mid-load queues nothing)."""
+    from service.workers import RELOAD_SIGNAL, Peers
+
+    got: list[int] = []
+    old = signal.signal(RELOAD_SIGNAL, lambda sig, frame: got.append(sig))
+    try:
+        control = tmp_path / "reload.json"
+        origin, sibling = Peers(control, os.getpid()), Peers(control, os.getpid())
+        assert sibling.claim() is None  # nothing announced yet: serve the configured index
+        origin.announce(tmp_path / "a")
+        assert got == [RELOAD_SIGNAL]
+        assert origin.claim() is None  # the announcing worker has it loaded already
+        seq, target = sibling.claim()
+        assert target == (tmp_path / "a").resolve()
+        assert sibling.claim() is None  # claimed: a repeated signal does not load it twice
+        origin.announce(tmp_path / "b")
+        assert sibling.claim()[1] == (tmp_path / "b").resolve()
+        control.unlink()  # what the supervisor does on SIGHUP: the configured dir rules again
+        assert Peers(control, os.getpid()).claim() is None
+    finally:
+        signal.signal(RELOAD_SIGNAL, old)
