@@ -81,14 +81,14 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
         task = None
         announced = peers.claim() if peers is not None else None  # what the sibling workers serve now
         if not engine.ready and settings.index_dir is not None:
-            first = announced[1] if announced else None
+            seq, first = announced if announced else (None, None)
             if settings.background_load:
                 engine.loading = True
-                task = asyncio.create_task(_load_logged(engine, first))
+                task = asyncio.create_task(_load_logged(engine, first, peers, seq))  # marks it applied once loaded
             else:
                 await engine.load(first)
-            if announced:
-                peers.applied = announced[0]
+                if seq is not None:
+                    peers.applied = seq
         handlers = _install_signals(engine, peers)
         try:
             yield
