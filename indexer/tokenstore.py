@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 KINDS = ("image", "caption")
+SCORE_CHUNK = 1024  # rows widened to float per GEMM in `TokenCodec.scores`: 1 MB at D=256, cache-resident
 
 
 class TokenCodec:
@@ -97,24 +98,38 @@ class TokenCodec:
     def scores(self, query: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
         """query [T, D] . decode(codes)^T -> [T, n] float32.
 
-        int8 scores the integer codes and scales the [T, n] result, so the n x D decoded rows
-        (the bulk of a re-rank's memory traffic) are never formed with their scales applied.
+        int8 and fp16 rows are widened to float one cache-sized chunk at a time, each chunk
+        multiplied while it is still in cache: decoding all of a re-rank's ~5,000 rows first
+        (a 5 MB float block) and then running one GEMM over it reads that block from memory
+        twice and cost ~1.7x as much on a 1M-image index (BENCHMARKS.md, "re-rank scoring").
+        int8 scales the [T, n] result by the per-row scales instead of scaling the rows.
         """
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        n = codes.shape[0]
+        if self.form == "fp32":
+            return query @ torch.from_numpy(codes).view(torch.float32).T
+        if self.form not in ("int8", "fp16"):
+            return query @ torch.from_numpy(self.decode(codes)).T
+        raw = torch.from_numpy(codes)
+        rows = raw[:, : self.dim].view(torch.int8) if self.form == "int8" else raw.view(torch.float16)
+        out = torch.empty(query.shape[0], n)
+        buf = self._scratch(min(n, SCORE_CHUNK))
+        for a in range(0, n, SCORE_CHUNK):
+            b = min(n, a + SCORE_CHUNK)
+            chunk = buf[: b - a]
+            chunk.copy_(rows[a:b])
+            torch.mm(query, chunk.T, out=out[:, a:b])
         if self.form == "int8":
-            q8 = self._scratch(codes.shape[0])
-            q8.copy_(torch.from_numpy(codes[:, : self.dim].view(np.int8)))
-            scale = torch.from_numpy(codes[:, self.dim:].copy().view(np.float16).reshape(-1).astype(np.float32))
-            return (query @ q8.T) * scale
-        return query @ torch.from_numpy(self.decode(codes)).T
+            out.mul_(raw[:, self.dim:].contiguous().view(torch.float16).reshape(-1).float())
+        return out
 
     def _scratch(self, n: int) -> torch.Tensor:
-        """A per-thread float buffer for decoded rows: a fresh multi-MB array per query costs
-        more in page faults than the conversion itself."""
+        """A per-thread float buffer for decoded rows: a fresh array per query costs more in
+        page faults than the conversion itself."""
         local = self.__dict__.setdefault("_local", threading.local())
         buf = getattr(local, "buf", None)
         if buf is None or buf.shape[0] < n:
-            buf = local.buf = torch.empty(max(n, 4096), self.dim)
+            buf = local.buf = torch.empty(n, self.dim)
         return buf[:n]
 
     # persistence: FAISS's own serialisation (not pickle) for trained codecs

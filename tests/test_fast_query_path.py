@@ -12,7 +12,7 @@ import torch
 
 from encoder.heads import Embeddings
 from encoder.similarity import local_for_candidates, local_from_flat
-from indexer.tokenstore import TokenCodec, pad_blocks
+from indexer.tokenstore import SCORE_CHUNK, TokenCodec, pad_blocks
 
 TEXTS = ["a dog runs on the beach", "Two children play in the snow while their mother watches from a bench",
          "", "a black cat sits", "word " * 80]
@@ -168,7 +168,7 @@ def test_local_from_flat_equals_padded_blocks(query_is_text, reduce):
 @pytest.mark.parametrize("form", ["fp32", "fp16", "int8", "pq4"])
 def test_codec_scores_equal_scores_of_decoded_rows(form):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(600, 16)).astype(np.float32)
+    x = rng.normal(size=(2 * SCORE_CHUNK + 300, 16)).astype(np.float32)  # several chunks, a ragged last one
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     codec = TokenCodec(form, 16)
     if codec.needs_training:
@@ -177,6 +177,8 @@ def test_codec_scores_equal_scores_of_decoded_rows(form):
     q = torch.from_numpy(rng.normal(size=(5, 16)).astype(np.float32))
     ref = q @ torch.from_numpy(codec.decode(codes)).T
     assert torch.allclose(codec.scores(q, codes), ref, atol=1e-5)
+    assert torch.allclose(codec.scores(q, codes[:7]), ref[:, :7], atol=1e-5)  # the buffer is reused: no stale rows
+    assert codec.scores(q, codes[:0]).shape == (5, 0)
 
 
 def test_calibrated_nprobe_reaches_its_recall():
