@@ -18,8 +18,10 @@ TOKEN_FORM_RE = re.compile(r"^(fp16|fp32|int8|pq\d+|opq\d+)$")
 # `auto` thresholds (vectors in one gallery). Why these numbers, measured in BENCHMARKS.md:
 #  - up to FLAT_MAX an exact scan costs ~n*D*4 bytes read per query (200k x 256-d = 200 MB/s of
 #    queries at ~10 ms on 2 cores), so exactness is affordable and there is nothing to train;
-#  - beyond it, IVF-Flat with nlist ~ 4*sqrt(n) and nprobe = nlist/32 (>= 16) keeps recall@100
-#    near 0.99 while touching ~3 % of the vectors;
+#  - beyond it, IVF with nlist ~ 4*sqrt(n) and nprobe = nlist/32 (>= 16) keeps recall@100
+#    near 0.99 while touching ~3 % of the vectors; the lists hold the vectors as fp16 (SQfp16):
+#    half the bytes to scan per query and to keep in RAM, ranking unchanged (stage two
+#    re-scores every candidate from the stored float32 vector anyway);
 #  - beyond IVFPQ_MIN the float vectors themselves stop fitting comfortably in RAM (8M x 256-d
 #    x 4 B = 8 GiB), so the lists hold PQ codes (D/4 bytes each) instead.
 FLAT_MAX = 200_000
@@ -60,7 +62,7 @@ def choose_faiss(n: int, dim: int, kind: str = "auto") -> FaissParams:
     if kind == "flat":
         return FaissParams(kind="flat", factory="Flat")
     if kind == "ivf":
-        return FaissParams(kind="ivf", factory=f"IVF{nlist},Flat", nprobe=nprobe, train_size=min(n, 64 * nlist))
+        return FaissParams(kind="ivf", factory=f"IVF{nlist},SQfp16", nprobe=nprobe, train_size=min(n, 64 * nlist))
     if kind == "ivfpq":
         m = max(1, dim // 4)
         while dim % m:
