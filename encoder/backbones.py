@@ -3,9 +3,14 @@
 Heads only ever see `TokenBatch`, so swapping EfficientNet for a ViT folder, or MiniLM for
 another BERT, is a config change. Text backbones drop [CLS]/[SEP]-style special tokens: the
 heads add their own global slot, and MrSw must only match real words.
+
+A BERT-like text backbone can have its last N layers trained (`train_layers`): `TextTop` holds
+trainable copies of them and runs on cached `HiddenBatch`es (the states entering those layers)
+during training; at inference the fine-tuned weights are loaded back into the backbone itself.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -29,6 +34,19 @@ class TokenBatch:
 
     def to(self, device: torch.device | str) -> "TokenBatch":
         return TokenBatch(self.tokens.to(device), self.mask.to(device))
+
+
+@dataclass
+class HiddenBatch:
+    """Hidden states entering a text backbone's trainable top layers, every position kept
+    ([CLS]/[SEP] included: the top layers attend to them), with the masks to finish the pass."""
+
+    hidden: torch.Tensor  # [B, P, D] float
+    attention: torch.Tensor  # [B, P] bool, the tokenizer's attention mask (False = padding)
+    words: torch.Tensor  # [B, P] bool, attended and not special: the positions the head sees
+
+    def to(self, device: torch.device | str) -> "HiddenBatch":
+        return HiddenBatch(self.hidden.to(device), self.attention.to(device), self.words.to(device))
 
 
 class ImageBackbone(nn.Module):
@@ -154,7 +172,8 @@ class HFText(TextBackbone):
         self.dim = int(self.net.config.hidden_size)
         self.max_tokens = cfg.max_tokens
 
-    def forward(self, texts: list[str]) -> TokenBatch:
+    def _tokenize(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Model inputs on the backbone's device, and the word mask (attended, not special)."""
         device = next(self.net.parameters()).device
         enc = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_tokens + 2,
@@ -162,9 +181,41 @@ class HFText(TextBackbone):
         )
         special = enc.pop("special_tokens_mask").bool()
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return enc, enc["attention_mask"].bool() & ~special.to(device)
+
+    def forward(self, texts: list[str]) -> TokenBatch:
+        enc, words = self._tokenize(texts)
         h = self.net(**enc).last_hidden_state
-        words = enc["attention_mask"].bool() & ~special.to(device)
         return _compact(h, words, self.max_tokens)
+
+    def layer_stack(self) -> nn.ModuleList:
+        """The transformer layers, in order; only BERT-like encoders (`encoder.layer`, called as
+        `layer(hidden, mask)`) are supported, since `TextTop` must call them the same way."""
+        layers = getattr(getattr(self.net, "encoder", None), "layer", None)
+        if not isinstance(layers, nn.ModuleList) or getattr(self.net.config, "is_decoder", False):
+            raise ValueError(f"train_layers needs a BERT-like text encoder (encoder.layer); "
+                             f"{type(self.net).__name__} is not one")
+        return layers
+
+    def hidden_before_top(self, texts: list[str], n: int) -> HiddenBatch:
+        """The states entering the last `n` layers (the input of layer L-n), at every position."""
+        L = len(self.layer_stack())
+        if not 0 < n <= L:
+            raise ValueError(f"train_layers={n} but the backbone has {L} layers")
+        enc, words = self._tokenize(texts)
+        h = self.net(**enc, output_hidden_states=True).hidden_states[L - n]  # [0] = embeddings
+        return HiddenBatch(h, enc["attention_mask"].bool(), words)
+
+    def load_top(self, top: "TextTop") -> None:
+        """Overwrite the last layers with fine-tuned ones, so every runtime that runs `self.net`
+        (torch, the ONNX export) runs them with no other change."""
+        layers = self.layer_stack()
+        n = len(top.layers)
+        if n > len(layers):
+            raise ValueError(f"checkpoint has {n} fine-tuned text layers; the backbone has {len(layers)}")
+        with torch.no_grad():
+            for dst, src in zip(layers[len(layers) - n:], top.layers):
+                dst.load_state_dict(src.state_dict())
 
 
 class MiniLM(HFText):
@@ -195,6 +246,44 @@ class TinyText(TextBackbone):
             idx[r, : len(i)] = torch.tensor(i)
             mask[r, : len(i)] = True
         return TokenBatch(self.table[idx], mask.to(self.table.device))
+
+
+class TextTop(nn.Module):
+    """Trainable copies of a BERT-like backbone's last N layers, initialised from its weights.
+
+    Runs on cached `HiddenBatch`es and ends with the backbone's own word compaction, so at
+    its initial weights it reproduces the frozen backbone's word states. The attention mask is
+    built by the same transformers helper the backbone's forward uses (it depends on the
+    attention implementation: a bool mask for sdpa, additive for eager). Dropout inside the
+    layers follows train()/eval() like any module.
+    """
+
+    def __init__(self, backbone: HFText, n: int):
+        super().__init__()
+        stack = backbone.layer_stack()
+        if not 0 < n <= len(stack):
+            raise ValueError(f"train_layers={n} but the backbone has {len(stack)} layers")
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for layer in stack[len(stack) - n:])
+        self.layers.requires_grad_(True)
+        self.hf_config = backbone.net.config
+        self.max_tokens = backbone.max_tokens
+
+    def forward(self, hb: HiddenBatch) -> TokenBatch:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        h = hb.hidden
+        mask = create_bidirectional_mask(config=self.hf_config, inputs_embeds=h, attention_mask=hb.attention.long())
+        for layer in self.layers:
+            h = layer(h, mask)
+        return _compact(h, hb.words, self.max_tokens)
+
+
+def build_text_top(cfg: BackboneConfig) -> TextTop:
+    """The trainable top of the backbone `cfg` names, with its pretrained weights."""
+    backbone = build_text_backbone(cfg)
+    if not isinstance(backbone, HFText):
+        raise ValueError(f"train_layers is not supported for the {cfg.kind!r} text backbone")
+    return TextTop(backbone, cfg.train_layers)
 
 
 def _compact(h: torch.Tensor, keep: torch.Tensor, max_tokens: int) -> TokenBatch:

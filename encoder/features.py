@@ -2,6 +2,8 @@
 
 Backbones are frozen, so their outputs are computed once per collection; the cache is keyed
 by backbone config and resumable (a `done` counter is advanced after each flushed batch).
+With `train_layers` = N > 0 the text cache holds the states entering the last N layers
+instead (`cache_text_hidden`), and those layers run, trainable, in every step.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .backbones import ImageBackbone, TextBackbone
+from .backbones import HFText, ImageBackbone, TextBackbone
 from .config import BackboneConfig
 from .transforms import ImageError, load_image
 
@@ -36,8 +38,25 @@ class _ImageFiles(Dataset):
 
 
 def cache_name(kind: str, cfg: BackboneConfig, items: list[str]) -> str:
-    h = hashlib.sha1(json.dumps([cfg.model_dump(), items]).encode()).hexdigest()[:12]
+    # train_layers = 0 is left out of the key so that caches built before the field existed
+    # keep their names (and are reused); any N > 0 gives a different key
+    conf = cfg.model_dump(exclude={"train_layers"} if not cfg.train_layers else None)
+    h = hashlib.sha1(json.dumps([conf, items]).encode()).hexdigest()[:12]
     return f"{kind}-{cfg.kind}-{h}.h5"
+
+
+ROW_DATASETS = ("tokens", "hidden")  # the per-item dataset whose length is the cache's size
+
+
+def _rows(f: h5py.File) -> int:
+    return next(f[k].shape[0] for k in ROW_DATASETS if k in f)
+
+
+def cache_complete(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with h5py.File(path, "r") as f:
+        return any(k in f for k in ROW_DATASETS) and int(f.attrs.get("done", 0)) >= _rows(f)
 
 
 @torch.no_grad()
@@ -94,8 +113,40 @@ def cache_text_tokens(texts: list[str], backbone: TextBackbone, out: Path, batch
     return out
 
 
+@torch.no_grad()
+def cache_text_hidden(texts: list[str], backbone: HFText, n: int, out: Path, batch_size: int = 256) -> Path:
+    """[M, max_tokens + 2, D] fp16 states entering the last `n` layers, every position
+    ([CLS]/[SEP] included), plus the attention mask and the word mask (attended, not special)
+    that `TextTop` needs; resumable like the other caches, batches sorted by length."""
+    m, P = len(texts), backbone.max_tokens + 2
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    with h5py.File(out, "a") as f:
+        if "hidden" not in f:
+            f.create_dataset("hidden", (m, P, backbone.dim), dtype="f2", chunks=(1, P, backbone.dim))
+            f.create_dataset("attention", (m, P), dtype=bool)
+            f.create_dataset("words", (m, P), dtype=bool)
+            f.attrs["train_layers"] = n
+            f.attrs["done"] = 0
+        start = int(f.attrs["done"])
+        for b in tqdm(range(start, m, batch_size), desc="text hidden states", unit="batch",
+                      initial=start // batch_size, total=(m + batch_size - 1) // batch_size):
+            idx = np.sort(order[b:b + batch_size])
+            hb = backbone.hidden_before_top([texts[i] for i in idx], n)
+            width = hb.hidden.shape[1]
+            hidden = np.zeros((len(idx), P, backbone.dim), dtype=np.float16)
+            hidden[:, :width] = hb.hidden.cpu().numpy()
+            for name, value in (("attention", hb.attention), ("words", hb.words)):
+                block = np.zeros((len(idx), P), dtype=bool)
+                block[:, :width] = value.cpu().numpy()
+                f[name][idx] = block
+            f["hidden"][idx] = hidden
+            f.attrs["done"] = b + len(idx)
+            f.flush()
+    return out
+
+
 def load_cached(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as f:
-        if int(f.attrs.get("done", 0)) < f["tokens"].shape[0]:
+        if int(f.attrs.get("done", 0)) < _rows(f):
             raise RuntimeError(f"feature cache {path} is incomplete; re-run to resume")
         return {k: f[k][()] for k in f.keys()}

@@ -1,8 +1,9 @@
 """The trained part of the system: two TGDT heads, their temperatures, and checkpoint I/O.
 
 A checkpoint is a folder: `config.json` (ModelConfig, including which backbones it expects)
-and `model.safetensors` (heads only). Backbones come from their packages, never from the
-checkpoint, so a checkpoint is small enough to commit and safe to accept from a user.
+and `model.safetensors` (heads only, plus `text_top`: the fine-tuned last text layers when
+`train_layers` > 0). Backbones come from their packages, never from the checkpoint, so a
+checkpoint is small enough to commit and safe to accept from a user.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbones import TokenBatch
+from .backbones import HiddenBatch, TextTop, TokenBatch, build_text_top
 from .config import ModelConfig
 from .heads import Embeddings, TGDTHead
 
@@ -39,12 +40,27 @@ class TGDTModel(nn.Module):
         init = math.log(1.0 / config.init_temperature)
         self.logit_scale = nn.Parameter(torch.tensor(init))
         self.local_logit_scale = nn.Parameter(torch.tensor(init))
+        # trainable copies of the text backbone's last layers (pretrained init); training only:
+        # at inference the Encoder loads them into the backbone, which then runs them itself
+        self.text_top: TextTop | None = build_text_top(config.text_backbone) \
+            if config.text_backbone.train_layers else None
 
     def encode_image_tokens(self, tb: TokenBatch) -> Embeddings:
         return self.image_head(tb)
 
     def encode_text_tokens(self, tb: TokenBatch) -> Embeddings:
+        """Text head on the full backbone's word states (never runs text_top: when the model has
+        one, the backbone already holds its weights, see `Encoder`)."""
         return self.text_head(tb)
+
+    def encode_text_cache(self, batch: TokenBatch | HiddenBatch) -> Embeddings:
+        """The training path, on cached backbone outputs: word states (frozen backbone) go to
+        the head; hidden states entering the trainable top go through text_top first."""
+        if isinstance(batch, HiddenBatch):
+            if self.text_top is None:
+                raise ValueError("cached hidden states need a model with train_layers > 0")
+            batch = self.text_top(batch)
+        return self.text_head(batch)
 
     # ------------------------------------------------------------------ I/O
     def save_pretrained(self, path: str | Path) -> Path:

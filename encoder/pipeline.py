@@ -2,6 +2,8 @@
 
 Loads the backbones a checkpoint names (from their packages, offline) and the heads from the
 checkpoint; the indexer, the service and the evaluation all encode through this one class.
+A checkpoint with fine-tuned text layers (`train_layers` > 0) has them written over the text
+backbone's last layers here, so every text runtime (torch, ONNX) runs them unchanged.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ class Encoder:
     def __init__(self, model: TGDTModel, image_backbone: ImageBackbone, text_backbone: TextBackbone,
                  device: torch.device | str | None = None):
         self.device = torch.device(device) if device is not None else default_device()
+        if model.text_top is not None:
+            if not isinstance(text_backbone, HFText):
+                raise ValueError("a checkpoint with fine-tuned text layers needs its transformers text backbone")
+            text_backbone.load_top(model.text_top)
         self.model = model.eval().to(self.device)
         self.image_backbone = image_backbone.eval().to(self.device)
         self.text_backbone = text_backbone.eval().to(self.device)

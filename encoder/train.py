@@ -4,6 +4,8 @@ Flow: read the collection -> cache backbone tokens once (HDF5) -> train heads wi
 -> evaluate on val each epoch (global + two-stage) -> keep the best epoch by two-stage val
 rsum -> calibrate the fused re-rank score on val -> write a checkpoint folder. A `state/`
 folder (safetensors + JSON, no pickle) makes a killed run resume where it stopped.
+With `train_layers` > 0 the text cache holds the states entering the backbone's last layers,
+and their trainable copies (`model.text_top`) train with the heads at `backbone_lr`.
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .backbones import TokenBatch, build_image_backbone, build_text_backbone
+from .backbones import HiddenBatch, TokenBatch, build_image_backbone, build_text_backbone
 from .config import ScoreConfig, TrainConfig
 from .data import load_pairs
 from .evaluate import evaluate_embeddings, markdown_table, rerank_candidates
-from .features import cache_image_tokens, cache_name, cache_text_tokens, load_cached
+from .features import cache_complete, cache_image_tokens, cache_name, cache_text_hidden, cache_text_tokens, load_cached
 from .heads import Embeddings
 from .loss import cmc_loss
 from .model import TGDTModel
@@ -32,15 +34,26 @@ from .similarity import fuse, global_scores
 
 @dataclass
 class Features:
-    """All cached tokens of one collection, in memory as fp16."""
+    """All cached tokens of one collection, in memory as fp16.
+
+    The text side is either the frozen backbone's word states (`text_tokens`) or, with
+    train_layers > 0, the states entering its trainable top (`text_hidden` + masks).
+    """
 
     image_tokens: torch.Tensor  # [N, Ti, Di]
     image_ok: torch.Tensor  # [N] bool
-    text_tokens: torch.Tensor  # [M, Tt, Dt]
-    text_lengths: torch.Tensor  # [M]
+    text_tokens: torch.Tensor | None  # [M, Tt, Dt] word states, or None with text_hidden
+    text_lengths: torch.Tensor  # [M] word slots each caption fills in the head's input
     caption_image: torch.Tensor  # [M]
     split: list[str]  # per image
     grid: tuple[int, int]
+    text_hidden: torch.Tensor | None = None  # [M, max_tokens + 2, Dt] every position, specials included
+    text_attention: torch.Tensor | None = None  # [M, max_tokens + 2] bool
+    text_words: torch.Tensor | None = None  # [M, max_tokens + 2] bool
+
+    @property
+    def text_dim(self) -> int:
+        return int((self.text_tokens if self.text_tokens is not None else self.text_hidden).shape[2])
 
     def images(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> TokenBatch:
         x = self.image_tokens[idx].float()
@@ -50,7 +63,11 @@ class Features:
             x = torch.where(flip[:, None, None, None], xs.flip(2), xs).view_as(x)
         return TokenBatch(x, torch.ones(x.shape[:2], dtype=torch.bool))
 
-    def texts(self, idx: torch.Tensor) -> TokenBatch:
+    def texts(self, idx: torch.Tensor) -> TokenBatch | HiddenBatch:
+        if self.text_hidden is not None:
+            att = self.text_attention[idx]
+            P = int(att.sum(1).max().clamp(min=1))  # padding is on the right: cut it
+            return HiddenBatch(self.text_hidden[idx, :P].float(), att[:, :P], self.text_words[idx, :P])
         lengths = self.text_lengths[idx]
         T = int(lengths.max().clamp(min=1))
         x = self.text_tokens[idx, :T].float()
@@ -64,29 +81,42 @@ def prepare_features(cfg: TrainConfig) -> Features:
     cache.mkdir(parents=True, exist_ok=True)
     ib_cfg, tb_cfg = cfg.model.image_backbone, cfg.model.text_backbone
     ipath = cache / cache_name("image", ib_cfg, col.images)
-    tpath = cache / cache_name("text", tb_cfg, col.captions)
     image_backbone = build_image_backbone(ib_cfg)
     grid = image_backbone.grid
-    if not _complete(ipath):
+    if not cache_complete(ipath):
         cache_image_tokens(col.image_paths, image_backbone, ipath)
     del image_backbone
-    if not _complete(tpath):
-        cache_text_tokens(col.captions, build_text_backbone(tb_cfg), tpath)
-    im, tx = load_cached(ipath), load_cached(tpath)
-    return Features(
+    im = load_cached(ipath)
+    feats = Features(
         image_tokens=torch.from_numpy(im["tokens"]), image_ok=torch.from_numpy(im["ok"]),
-        text_tokens=torch.from_numpy(tx["tokens"]), text_lengths=torch.from_numpy(tx["lengths"].astype(np.int64)),
+        text_tokens=None, text_lengths=torch.zeros(0, dtype=torch.long),
         caption_image=torch.tensor(col.caption_image), split=[m.get("split", "") for m in col.meta], grid=grid,
     )
+    del im
+    return _with_text(feats, cfg, col.captions, cache)
 
 
-def _complete(path: Path) -> bool:
-    import h5py
-
-    if not path.is_file():
-        return False
-    with h5py.File(path, "r") as f:
-        return "tokens" in f and int(f.attrs.get("done", 0)) >= f["tokens"].shape[0]
+def _with_text(feats: Features, cfg: TrainConfig, captions: list[str], cache: Path) -> Features:
+    """Fill the text side of `feats`: word states, or the states entering the trainable top."""
+    tb_cfg = cfg.model.text_backbone
+    n = tb_cfg.train_layers
+    tpath = cache / cache_name("hidden" if n else "text", tb_cfg, captions)
+    if not cache_complete(tpath):
+        backbone = build_text_backbone(tb_cfg)
+        if n:
+            cache_text_hidden(captions, backbone, n, tpath)
+        else:
+            cache_text_tokens(captions, backbone, tpath)
+    tx = load_cached(tpath)
+    if not n:
+        feats.text_tokens = torch.from_numpy(tx["tokens"])
+        feats.text_lengths = torch.from_numpy(tx["lengths"].astype(np.int64))
+        return feats
+    feats.text_hidden = torch.from_numpy(tx["hidden"])
+    feats.text_attention, feats.text_words = torch.from_numpy(tx["attention"]), torch.from_numpy(tx["words"])
+    # as backbones._compact counts them: at least one slot, at most max_tokens
+    feats.text_lengths = feats.text_words.sum(1).clamp(1, tb_cfg.max_tokens).long()
+    return feats
 
 
 def split_items(feats: Features, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,7 +181,7 @@ def embed_split(model: TGDTModel, feats: Features, imgs: torch.Tensor, caps: tor
     T = int(feats.text_lengths[caps].max())
     txs = []
     for s in range(0, len(caps), batch):
-        e = model.encode_text_tokens(feats.texts(caps[s:s + batch]))
+        e = model.encode_text_cache(feats.texts(caps[s:s + batch]))
         pad = T - e.tokens.shape[1]
         txs.append(Embeddings(e.global_, torch.nn.functional.pad(e.tokens, (0, 0, 0, pad)),
                               torch.nn.functional.pad(e.mask, (0, pad))))
@@ -188,11 +218,25 @@ def calibrate_score(images: Embeddings, captions: Embeddings, caption_image: tor
     return best[0], table
 
 
-def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+def _lr_at(step: int, total: int, cfg: TrainConfig, base: float | None = None) -> float:
+    """Linear warmup then cosine decay, from `base` (default: the heads' lr)."""
+    base = cfg.lr if base is None else base
     warm = max(1, int(cfg.warmup_frac * total))
     if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return base * (step + 1) / warm
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def param_groups(model: TGDTModel, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups. Weight decay on matrices only: biases, norms, temperatures and position
+    tables are exempt. The text backbone's copied top layers start from pretrained weights that
+    a head-sized lr would wreck early on, so they get their own, lower `backbone_lr`."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for n, p in model.named_parameters():
+        decay = p.ndim >= 2 and n.rsplit(".", 1)[-1] not in ("pos", "row", "col")
+        groups.setdefault((n.startswith("text_top."), decay), []).append(p)
+    return [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
+             "base_lr": cfg.backbone_lr if top else cfg.lr} for (top, decay), ps in groups.items()]
 
 
 def _save_state(state_dir: Path, model: TGDTModel, opt: torch.optim.Optimizer, meta: dict) -> None:
@@ -245,13 +289,8 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
 
     torch.manual_seed(cfg.seed)
     Ti, Di = feats.image_tokens.shape[1:]
-    model = TGDTModel(cfg.model, image_dim=Di, text_dim=feats.text_tokens.shape[2], image_grid=feats.grid)
-    # weight decay on matrices only; biases, norms, temperatures and position tables are exempt
-    decays = lambda n, p: p.ndim >= 2 and n.rsplit(".", 1)[-1] not in ("pos", "row", "col")
-    decay = [p for n, p in model.named_parameters() if decays(n, p)]
-    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    model = TGDTModel(cfg.model, image_dim=Di, text_dim=feats.text_dim, image_grid=feats.grid)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
     clusters = image_clusters(feats, tr_imgs, cfg.hard_clusters, cfg.seed) if cfg.hard_block else None
     batches = lambda gen: epoch_batches(tr_imgs, caps_of, bs, gen, cfg.captions_per_epoch, clusters, cfg.hard_block)
     steps_per_epoch = sum(1 for _ in batches(torch.Generator().manual_seed(0)))
@@ -270,10 +309,10 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
         step = epoch * steps_per_epoch
         for img_idx, cap_idx in bar:
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, cfg)
+                group["lr"] = _lr_at(step, total, cfg, group["base_lr"])
             flip = torch.rand(len(img_idx), generator=gen) < cfg.flip_prob
             img = model.encode_image_tokens(feats.images(img_idx, flip))
-            txt = model.encode_text_tokens(feats.texts(cap_idx))
+            txt = model.encode_text_cache(feats.texts(cap_idx))
             losses = cmc_loss(img, txt, cfg.loss, model.logit_scale, model.local_logit_scale,
                               cfg.model.score.local_reduce)
             opt.zero_grad(set_to_none=True)
