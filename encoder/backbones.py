@@ -4,9 +4,10 @@ Heads only ever see `TokenBatch`, so swapping EfficientNet for a ViT folder, or 
 another BERT, is a config change. Text backbones drop [CLS]/[SEP]-style special tokens: the
 heads add their own global slot, and MrSw must only match real words.
 
-A BERT-like text backbone can have its last N layers trained (`train_layers`): `TextTop` holds
-trainable copies of them and runs on cached `HiddenBatch`es (the states entering those layers)
-during training; at inference the fine-tuned weights are loaded back into the backbone itself.
+A BERT-like text backbone or EfficientNet-Lite0 can have its last N layers trained
+(`train_layers`): `TextTop` / `ImageTop` hold trainable copies of them and run on cached inputs
+of those layers (`HiddenBatch`es; grids entering the last blocks) during training; at inference
+the fine-tuned weights are loaded back into the backbone itself.
 """
 from __future__ import annotations
 
@@ -91,8 +92,79 @@ class EfficientNetLite0(ImageBackbone):
 
     def forward(self, pixels: torch.Tensor) -> TokenBatch:
         x = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
-        tokens = x.flatten(2).transpose(1, 2).contiguous()  # [B, H*W, C], row-major cells
-        return TokenBatch(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+        return _grid_tokens(x)
+
+    def tokens_before_top(self, pixels: torch.Tensor, n: int) -> TokenBatch:
+        """The grid entering the last `n` blocks, as row-major cell tokens [B, H*W, C]."""
+        blocks = self.net._blocks
+        if not 0 < n <= len(blocks):
+            raise ValueError(f"train_layers={n} but the backbone has {len(blocks)} blocks")
+        x = pixels.contiguous(memory_format=torch.channels_last)
+        x = self.net._swish(self.net._bn0(self.net._conv_stem(x)))
+        for idx, block in enumerate(blocks[:len(blocks) - n]):
+            x = block(x, drop_connect_rate=_drop_connect(self.net, idx))  # eval: no drop
+        return _grid_tokens(x)
+
+    def load_top(self, top: "ImageTop") -> None:
+        """Overwrite the last blocks and the conv head with fine-tuned ones (see HFText.load_top)."""
+        blocks = self.net._blocks
+        n = len(top.blocks)
+        if n > len(blocks):
+            raise ValueError(f"checkpoint has {n} fine-tuned image blocks; the backbone has {len(blocks)}")
+        with torch.no_grad():
+            for dst, src in zip(blocks[len(blocks) - n:], top.blocks):
+                dst.load_state_dict(src.state_dict())
+            self.net._conv_head.load_state_dict(top.conv_head.state_dict())
+            self.net._bn1.load_state_dict(top.bn.state_dict())
+        self.net = self.net.to(memory_format=torch.channels_last)
+
+
+def _grid_tokens(x: torch.Tensor) -> TokenBatch:
+    tokens = x.flatten(2).transpose(1, 2).contiguous()  # [B, H*W, C], row-major cells
+    return TokenBatch(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+
+
+def _drop_connect(net: nn.Module, idx: int) -> float:
+    """EfficientNet's per-block stochastic-depth rate, scaled by depth as `extract_features` does."""
+    rate = net._global_params.drop_connect_rate or 0.0
+    return rate * float(idx) / len(net._blocks)
+
+
+class ImageTop(nn.Module):
+    """Trainable copies of EfficientNet-Lite0's last N blocks and its 1x1 conv head.
+
+    Runs on cached grids (the tokens entering those blocks) and gives the backbone's 1280-d
+    cells, so at its initial weights it reproduces the frozen backbone. BatchNorm keeps the
+    ImageNet running statistics (its affine weights train): batch statistics from a few
+    hundred cached grids would drift the very features the copies start from. Stochastic
+    depth (drop connect) follows train()/eval() as in the backbone.
+    """
+
+    def __init__(self, backbone: EfficientNetLite0, n: int):
+        super().__init__()
+        net, L = backbone.net, len(backbone.net._blocks)
+        if not 0 < n <= L:
+            raise ValueError(f"train_layers={n} but the backbone has {L} blocks")
+        self.blocks = nn.ModuleList(copy.deepcopy(b) for b in net._blocks[L - n:])
+        self.conv_head, self.bn, self.act = (copy.deepcopy(m) for m in (net._conv_head, net._bn1, net._swish))
+        self.rates = [_drop_connect(net, i) for i in range(L - n, L)]
+        self.requires_grad_(True)
+        self.grid = backbone.grid
+
+    def train(self, mode: bool = True) -> "ImageTop":
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def forward(self, tb: TokenBatch) -> TokenBatch:
+        B, T, C = tb.tokens.shape
+        h, w = self.grid
+        x = tb.tokens.transpose(1, 2).reshape(B, C, h, w).contiguous(memory_format=torch.channels_last)
+        for block, rate in zip(self.blocks, self.rates):
+            x = block(x, drop_connect_rate=rate)
+        return _grid_tokens(self.act(self.bn(self.conv_head(x))))
 
 
 class HFVision(ImageBackbone):
@@ -284,6 +356,14 @@ def build_text_top(cfg: BackboneConfig) -> TextTop:
     if not isinstance(backbone, HFText):
         raise ValueError(f"train_layers is not supported for the {cfg.kind!r} text backbone")
     return TextTop(backbone, cfg.train_layers)
+
+
+def build_image_top(cfg: BackboneConfig) -> ImageTop:
+    """The trainable top of the image backbone `cfg` names, with its pretrained weights."""
+    backbone = build_image_backbone(cfg)
+    if not isinstance(backbone, EfficientNetLite0):
+        raise ValueError(f"train_layers is not supported for the {cfg.kind!r} image backbone")
+    return ImageTop(backbone, cfg.train_layers)
 
 
 def _compact(h: torch.Tensor, keep: torch.Tensor, max_tokens: int) -> TokenBatch:

@@ -23,9 +23,11 @@ class BackboneConfig(_Strict):
     token states), `hf-vision` / `hf-text` (any transformers AutoModel folder on disk, given by
     `path`), `tiny-image` / `tiny-text` (random, for fast tests).
 
-    train_layers: the last N transformer layers of a `minilm` / `hf-text` backbone are trained
-    with the heads (0 = fully frozen). Training still runs from a feature cache: it holds the
-    hidden states that enter those N layers, so only they (not the whole backbone) run per step.
+    train_layers: the backbone's last N layers are trained with the heads (0 = fully frozen):
+    transformer layers of a `minilm` / `hf-text` backbone, or MBConv blocks (plus the 1x1 conv
+    head) of `efficientnet-lite0`, at most the 4 that run at the final 7x7 resolution. Training
+    still runs from a feature cache: it holds what enters those N layers, so only they (not the
+    whole backbone) run per step.
     """
 
     kind: Literal["efficientnet-lite0", "minilm", "hf-vision", "hf-text", "tiny-image", "tiny-text"]
@@ -39,8 +41,13 @@ class BackboneConfig(_Strict):
     def _check_train_layers(self) -> "BackboneConfig":
         if not self.train_layers:
             return self
+        if self.kind == "efficientnet-lite0":
+            if self.train_layers > EFFICIENTNET_TRAINABLE_BLOCKS:
+                raise ValueError(f"train_layers={self.train_layers}: efficientnet-lite0 trains at most its last "
+                                 f"{EFFICIENTNET_TRAINABLE_BLOCKS} blocks (those at the final 7x7 resolution)")
+            return self
         if self.kind not in TRAINABLE_TEXT_KINDS:
-            raise ValueError(f"train_layers is only for the transformers text backbones {TRAINABLE_TEXT_KINDS}, "
+            raise ValueError(f"train_layers is only for the backbones {TRAINABLE_TEXT_KINDS + ('efficientnet-lite0',)}, "
                              f"not {self.kind!r}")
         n = text_layer_count(self)
         if n is not None and self.train_layers > n:
@@ -49,6 +56,9 @@ class BackboneConfig(_Strict):
 
 
 TRAINABLE_TEXT_KINDS = ("minilm", "hf-text")
+# the MBConv blocks after EfficientNet-Lite0's last stride-2 block: their input is a 7x7x192
+# grid at 224 px, so the cache that feeds them stays as small as the 49-token output cache
+EFFICIENTNET_TRAINABLE_BLOCKS = 4
 
 
 def text_layer_count(cfg: BackboneConfig) -> int | None:
@@ -142,7 +152,7 @@ class TrainConfig(_Strict):
     hard_clusters: int = Field(64, ge=2)
     batch_size: int = 128
     lr: float = 1e-3
-    backbone_lr: float = Field(1e-4, gt=0)  # text backbone layers trained with the heads (train_layers > 0)
+    backbone_lr: float = Field(1e-4, gt=0)  # backbone layers trained with the heads (train_layers > 0)
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
     grad_clip: float = 2.0

@@ -2,8 +2,9 @@
 
 Backbones are frozen, so their outputs are computed once per collection; the cache is keyed
 by backbone config and resumable (a `done` counter is advanced after each flushed batch).
-With `train_layers` = N > 0 the text cache holds the states entering the last N layers
-instead (`cache_text_hidden`), and those layers run, trainable, in every step.
+With `train_layers` = N > 0 a cache holds what enters the backbone's last N layers instead
+(`cache_text_hidden`; `cache_image_tokens(train_layers=N)`), and those layers run, trainable,
+in every step.
 """
 from __future__ import annotations
 
@@ -61,14 +62,14 @@ def cache_complete(path: Path) -> bool:
 
 @torch.no_grad()
 def cache_image_tokens(paths: list[Path], backbone: ImageBackbone, out: Path, batch_size: int = 32,
-                       workers: int = 1) -> Path:
-    """[N, T, D] fp16 token grids for every path (zeros and ok=False for unreadable files)."""
+                       workers: int = 1, train_layers: int = 0) -> Path:
+    """[N, T, D] fp16 token grids for every path (zeros and ok=False for unreadable files):
+    the backbone's output, or with `train_layers` = n > 0 the grid entering its last n blocks."""
     n = len(paths)
     with h5py.File(out, "a") as f:
-        if "tokens" not in f:
-            T = backbone.grid[0] * backbone.grid[1]
-            f.create_dataset("tokens", (n, T, backbone.dim), dtype="f2", chunks=(1, T, backbone.dim))
+        if "ok" not in f:
             f.create_dataset("ok", (n,), dtype=bool)
+            f.attrs["train_layers"] = train_layers
             f.attrs["done"] = 0
         start = int(f.attrs["done"])
         if start >= n:
@@ -78,7 +79,10 @@ def cache_image_tokens(paths: list[Path], backbone: ImageBackbone, out: Path, ba
         pos = start
         for pixels, ok in tqdm(loader, desc="image features", initial=start // batch_size,
                                total=(n + batch_size - 1) // batch_size, unit="batch"):
-            tb = backbone(pixels)
+            tb = backbone.tokens_before_top(pixels, train_layers) if train_layers else backbone(pixels)
+            if "tokens" not in f:  # shaped by the first batch: output cells, or the grid entering the top
+                T, D = tb.tokens.shape[1:]
+                f.create_dataset("tokens", (n, T, D), dtype="f2", chunks=(1, T, D))
             f["tokens"][pos:pos + len(pixels)] = tb.tokens.cpu().numpy().astype(np.float16)
             f["ok"][pos:pos + len(pixels)] = ok.numpy()
             pos += len(pixels)

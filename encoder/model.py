@@ -1,8 +1,8 @@
 """The trained part of the system: two TGDT heads, their temperatures, and checkpoint I/O.
 
 A checkpoint is a folder: `config.json` (ModelConfig, including which backbones it expects)
-and `model.safetensors` (heads only, plus `text_top`: the fine-tuned last text layers when
-`train_layers` > 0). Backbones come from their packages, never from the checkpoint, so a
+and `model.safetensors` (heads only, plus `text_top` / `image_top`: a backbone's fine-tuned
+last layers when its `train_layers` > 0). Backbones come from their packages, never from the checkpoint, so a
 checkpoint is small enough to commit and safe to accept from a user.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbones import HiddenBatch, TextTop, TokenBatch, build_text_top
+from .backbones import HiddenBatch, ImageTop, TextTop, TokenBatch, build_image_top, build_text_top
 from .config import ModelConfig
 from .heads import Embeddings, TGDTHead
 
@@ -44,9 +44,17 @@ class TGDTModel(nn.Module):
         # at inference the Encoder loads them into the backbone, which then runs them itself
         self.text_top: TextTop | None = build_text_top(config.text_backbone) \
             if config.text_backbone.train_layers else None
+        self.image_top: ImageTop | None = build_image_top(config.image_backbone) \
+            if config.image_backbone.train_layers else None
 
     def encode_image_tokens(self, tb: TokenBatch) -> Embeddings:
+        """Image head on the full backbone's cells (never runs image_top, as for text)."""
         return self.image_head(tb)
+
+    def encode_image_cache(self, tb: TokenBatch) -> Embeddings:
+        """The training path: cached grids go through image_top first when the model has one
+        (they are then the grids entering the backbone's last blocks)."""
+        return self.image_head(self.image_top(tb) if self.image_top is not None else tb)
 
     def encode_text_tokens(self, tb: TokenBatch) -> Embeddings:
         """Text head on the full backbone's word states (never runs text_top: when the model has

@@ -2,8 +2,8 @@
 
 Loads the backbones a checkpoint names (from their packages, offline) and the heads from the
 checkpoint; the indexer, the service and the evaluation all encode through this one class.
-A checkpoint with fine-tuned text layers (`train_layers` > 0) has them written over the text
-backbone's last layers here, so every text runtime (torch, ONNX) runs them unchanged.
+A checkpoint with fine-tuned backbone layers (`train_layers` > 0) has them written over the
+backbone's last layers here, so every runtime (torch, ONNX for text) runs them unchanged.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .backbones import HFText, ImageBackbone, TextBackbone, TokenBatch, build_image_backbone, build_text_backbone
+from .backbones import EfficientNetLite0, HFText, ImageBackbone, TextBackbone, TokenBatch, build_image_backbone, build_text_backbone
 from .heads import Embeddings
 from .model import TGDTModel
 
@@ -30,6 +30,10 @@ class Encoder:
             if not isinstance(text_backbone, HFText):
                 raise ValueError("a checkpoint with fine-tuned text layers needs its transformers text backbone")
             text_backbone.load_top(model.text_top)
+        if model.image_top is not None:
+            if not isinstance(image_backbone, EfficientNetLite0):
+                raise ValueError("a checkpoint with fine-tuned image blocks needs the efficientnet-lite0 backbone")
+            image_backbone.load_top(model.image_top)
         self.model = model.eval().to(self.device)
         self.image_backbone = image_backbone.eval().to(self.device)
         self.text_backbone = text_backbone.eval().to(self.device)

@@ -4,8 +4,8 @@ Flow: read the collection -> cache backbone tokens once (HDF5) -> train heads wi
 -> evaluate on val each epoch (global + two-stage) -> keep the best epoch by two-stage val
 rsum -> calibrate the fused re-rank score on val -> write a checkpoint folder. A `state/`
 folder (safetensors + JSON, no pickle) makes a killed run resume where it stopped.
-With `train_layers` > 0 the text cache holds the states entering the backbone's last layers,
-and their trainable copies (`model.text_top`) train with the heads at `backbone_lr`.
+With `train_layers` > 0 a backbone's cache holds what enters its last layers, and their
+trainable copies (`model.text_top`, `model.image_top`) train with the heads at `backbone_lr`.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class Features:
     train_layers > 0, the states entering its trainable top (`text_hidden` + masks).
     """
 
-    image_tokens: torch.Tensor  # [N, Ti, Di]
+    image_tokens: torch.Tensor  # [N, Ti, Di] backbone cells, or the grids entering its trainable top
     image_ok: torch.Tensor  # [N] bool
     text_tokens: torch.Tensor | None  # [M, Tt, Dt] word states, or None with text_hidden
     text_lengths: torch.Tensor  # [M] word slots each caption fills in the head's input
@@ -50,6 +50,11 @@ class Features:
     text_hidden: torch.Tensor | None = None  # [M, max_tokens + 2, Dt] every position, specials included
     text_attention: torch.Tensor | None = None  # [M, max_tokens + 2] bool
     text_words: torch.Tensor | None = None  # [M, max_tokens + 2] bool
+    image_dim: int | None = None  # the backbone's cell width (what the head sees); None = image_tokens' width
+
+    @property
+    def image_out_dim(self) -> int:
+        return int(self.image_dim or self.image_tokens.shape[2])
 
     @property
     def text_dim(self) -> int:
@@ -82,15 +87,16 @@ def prepare_features(cfg: TrainConfig) -> Features:
     ib_cfg, tb_cfg = cfg.model.image_backbone, cfg.model.text_backbone
     ipath = cache / cache_name("image", ib_cfg, col.images)
     image_backbone = build_image_backbone(ib_cfg)
-    grid = image_backbone.grid
+    grid, image_dim = image_backbone.grid, image_backbone.dim
     if not cache_complete(ipath):
-        cache_image_tokens(col.image_paths, image_backbone, ipath)
+        cache_image_tokens(col.image_paths, image_backbone, ipath, train_layers=ib_cfg.train_layers)
     del image_backbone
     im = load_cached(ipath)
     feats = Features(
         image_tokens=torch.from_numpy(im["tokens"]), image_ok=torch.from_numpy(im["ok"]),
         text_tokens=None, text_lengths=torch.zeros(0, dtype=torch.long),
         caption_image=torch.tensor(col.caption_image), split=[m.get("split", "") for m in col.meta], grid=grid,
+        image_dim=image_dim,
     )
     del im
     return _with_text(feats, cfg, col.captions, cache)
@@ -177,7 +183,7 @@ def epoch_batches(images: torch.Tensor, caps_of: list[torch.Tensor], batch_size:
 def embed_split(model: TGDTModel, feats: Features, imgs: torch.Tensor, caps: torch.Tensor,
                 batch: int = 256) -> tuple[Embeddings, Embeddings]:
     model.eval()
-    ims = [model.encode_image_tokens(feats.images(imgs[s:s + batch])) for s in range(0, len(imgs), batch)]
+    ims = [model.encode_image_cache(feats.images(imgs[s:s + batch])) for s in range(0, len(imgs), batch)]
     T = int(feats.text_lengths[caps].max())
     txs = []
     for s in range(0, len(caps), batch):
@@ -229,12 +235,12 @@ def _lr_at(step: int, total: int, cfg: TrainConfig, base: float | None = None) -
 
 def param_groups(model: TGDTModel, cfg: TrainConfig) -> list[dict]:
     """AdamW groups. Weight decay on matrices only: biases, norms, temperatures and position
-    tables are exempt. The text backbone's copied top layers start from pretrained weights that
-    a head-sized lr would wreck early on, so they get their own, lower `backbone_lr`."""
+    tables are exempt. The backbones' copied top layers start from pretrained weights that a
+    head-sized lr would wreck early on, so they get their own, lower `backbone_lr`."""
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for n, p in model.named_parameters():
         decay = p.ndim >= 2 and n.rsplit(".", 1)[-1] not in ("pos", "row", "col")
-        groups.setdefault((n.startswith("text_top."), decay), []).append(p)
+        groups.setdefault((n.startswith(("text_top.", "image_top.")), decay), []).append(p)
     return [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
              "base_lr": cfg.backbone_lr if top else cfg.lr} for (top, decay), ps in groups.items()]
 
@@ -288,8 +294,7 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
     bs = min(cfg.batch_size, len(tr_imgs))
 
     torch.manual_seed(cfg.seed)
-    Ti, Di = feats.image_tokens.shape[1:]
-    model = TGDTModel(cfg.model, image_dim=Di, text_dim=feats.text_dim, image_grid=feats.grid)
+    model = TGDTModel(cfg.model, image_dim=feats.image_out_dim, text_dim=feats.text_dim, image_grid=feats.grid)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
     clusters = image_clusters(feats, tr_imgs, cfg.hard_clusters, cfg.seed) if cfg.hard_block else None
     batches = lambda gen: epoch_batches(tr_imgs, caps_of, bs, gen, cfg.captions_per_epoch, clusters, cfg.hard_block)
@@ -311,7 +316,7 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, cfg, group["base_lr"])
             flip = torch.rand(len(img_idx), generator=gen) < cfg.flip_prob
-            img = model.encode_image_tokens(feats.images(img_idx, flip))
+            img = model.encode_image_cache(feats.images(img_idx, flip))
             txt = model.encode_text_cache(feats.texts(cap_idx))
             losses = cmc_loss(img, txt, cfg.loss, model.logit_scale, model.local_logit_scale,
                               cfg.model.score.local_reduce)

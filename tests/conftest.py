@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from encoder.config import BackboneConfig, HeadConfig, ModelConfig
@@ -74,3 +75,24 @@ def messy_collection(tiny_collection) -> Path:
         f.write(json.dumps({"image": "images/broken.jpg", "captions": ["nothing to see"], "split": "test"}) + "\n")
         f.write(json.dumps({"image": "images/copy_of_1.jpg", "captions": ["same photo again"], "split": "test"}) + "\n")
     return root
+
+
+def _split_collection(root: Path, n_train: int = 8, n_val: int = 4) -> Path:
+    """Generated JPEGs with train and val splits, 2 captions each, for small training runs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    words = ["red", "blue", "dog", "cat", "ball", "beach", "snow", "man", "child", "runs", "sits", "jumps"]
+    with (root / "pairs.jsonl").open("w") as f:
+        for i in range(n_train + n_val):
+            Image.fromarray(rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8)).save(root / "images" / f"{i}.jpg")
+            caps = [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) for _ in range(2)]
+            f.write(json.dumps({"image": f"images/{i}.jpg", "captions": caps,
+                                "split": "train" if i < n_train else "val"}) + "\n")
+    return root
+
+
+@pytest.fixture()
+def split_collection():
+    return _split_collection

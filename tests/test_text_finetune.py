@@ -177,8 +177,8 @@ def test_dropout_in_the_copied_layers_follows_train_and_eval(backbone):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(kind="tiny-text", train_layers=1), "only for the transformers text backbones"),
-    (dict(kind="efficientnet-lite0", train_layers=1), "only for the transformers text backbones"),
+    (dict(kind="tiny-text", train_layers=1), "only for the backbones"),
+    (dict(kind="hf-vision", path="x", train_layers=1), "only for the backbones"),
     (dict(kind="minilm", train_layers=7), "has 6 layers"),
     (dict(kind="minilm", train_layers=-1), "greater than or equal to 0"),
     (dict(kind="hf-text", train_layers=1), "needs `path`"),
@@ -203,25 +203,10 @@ def test_config_accepts_the_finetune_config_and_defaults():
     assert cfg.backbone_lr < cfg.lr
 
 
-def _collection(root, n_train: int = 8, n_val: int = 4):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    words = ["red", "blue", "dog", "cat", "ball", "beach", "snow", "man", "child", "runs", "sits", "jumps"]
-    with (root / "pairs.jsonl").open("w") as f:
-        for i in range(n_train + n_val):
-            Image.fromarray(rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8)).save(root / "images" / f"{i}.jpg")
-            caps = [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) for _ in range(2)]
-            f.write(json.dumps({"image": f"images/{i}.jpg", "captions": caps,
-                                "split": "train" if i < n_train else "val"}) + "\n")
-    return root
-
-
-def test_train_with_a_trainable_text_top_checkpoints_and_resumes(tmp_path):
+def test_train_with_a_trainable_text_top_checkpoints_and_resumes(tmp_path, split_collection):
     from encoder.train import param_groups, train
 
-    data = _collection(tmp_path / "col")
+    data = split_collection(tmp_path / "col")
     cfg = TrainConfig(data=str(data), cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), epochs=1,
                       batch_size=4, rerank_k=5, select_k=5, num_threads=2, model=_model_config(1))
     groups = param_groups(TGDTModel(cfg.model, 32, 384, (4, 4)), cfg)
