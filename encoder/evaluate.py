@@ -18,7 +18,7 @@ from .data import Collection
 from .heads import Embeddings
 from .pipeline import Encoder
 from .protocol import ranks_full, ranks_two_stage, recall_table
-from .similarity import fuse, global_scores, local_for_candidates_batched, mrsw_chunked, token_extent
+from .similarity import fuse, global_scores, mrsw_chunked, mrsw_pairs
 from .transforms import ImageError, load_image
 
 MODES = ("global", "two_stage", "exhaustive")
@@ -35,24 +35,14 @@ def exact_stage_one(images: Embeddings, captions: Embeddings) -> StageOne:
 
 
 def rerank_candidates(queries: Embeddings, gallery: Embeddings, cand: torch.Tensor, query_is_text: bool,
-                      reduce: str, budget: int = 2**25) -> torch.Tensor:
-    """MrSw of every query against its stage-one candidates [Q, K] -> [Q, K], in chunks of
-    queries (and with caption padding cut to the chunk's longest caption)."""
+                      reduce: str) -> torch.Tensor:
+    """MrSw of every query against its stage-one candidates [Q, K] -> [Q, K] (`mrsw_pairs`:
+    the words are always the caption side, whichever side is the query)."""
     Q, K = cand.shape
-    out = torch.empty(Q, K, device=queries.global_.device)
-    g_ext = int(token_extent(gallery.mask).max())
-    q_ext = token_extent(queries.mask)
-    order = torch.argsort(q_ext)
-    step = max(1, budget // max(1, K * g_ext * gallery.tokens.shape[-1]))
-    for s in range(0, Q, step):
-        sel = order[s:s + step]
-        T = max(1, int(q_ext[sel].max()))
-        c = cand[sel]
-        S = max(1, int(token_extent(gallery.mask[c.reshape(-1)]).max()))
-        out[sel] = local_for_candidates_batched(queries.tokens[sel, :T], queries.mask[sel, :T],
-                                                gallery.tokens[c][:, :, :S], gallery.mask[c][:, :, :S],
-                                                query_is_text, reduce)
-    return out
+    mine = torch.arange(Q, device=cand.device).repeat_interleave(K)
+    captions, images = (queries, gallery) if query_is_text else (gallery, queries)
+    cap, img = (mine, cand.reshape(-1)) if query_is_text else (cand.reshape(-1), mine)
+    return mrsw_pairs(captions.tokens, captions.mask, images.tokens, images.mask, cap, img, reduce).view(Q, K)
 
 
 @torch.inference_mode()

@@ -2,8 +2,8 @@
 
 A checkpoint is a folder: `config.json` (ModelConfig, including which backbones it expects)
 and `model.safetensors` (heads only, plus `text_top` / `image_top`: a backbone's fine-tuned
-last layers when its `train_layers` > 0). Backbones come from their packages, never from the checkpoint, so a
-checkpoint is small enough to commit and safe to accept from a user.
+last layers when its `train_layers` > 0). Backbones come from their packages, never from the
+checkpoint, so a checkpoint is small enough to commit and safe to accept from a user.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from encoder.config import LossConfig, ScoreConfig
 from encoder.heads import Embeddings
 from encoder.loss import cmc_loss, hinge_hardest, infonce, intra_consistency
 from encoder.evaluate import rerank_candidates
-from encoder.similarity import fuse, local_for_candidates, mrsw, mrsw_chunked, word_alignment
+from encoder.similarity import fuse, local_for_candidates, mrsw, mrsw_chunked, mrsw_pairs, word_alignment
 
 
 def test_mrsw_each_word_takes_best_cell_and_padding_is_ignored():
@@ -46,6 +46,24 @@ def test_mrsw_variants_agree():
     idx, score = word_alignment(w[0], wm[0], c, cm)
     assert idx.shape == (4, 7) and (idx[:, ~wm[0]] == -1).all()
     assert torch.allclose((score.sum(1) / wm[0].sum()), full[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_mrsw_pairs_matches_the_full_matrix_with_padding_on_both_sides(reduce):
+    torch.manual_seed(1)
+    w = F.normalize(torch.randn(6, 5, 8), dim=-1)
+    wm = torch.rand(6, 5) > 0.4
+    wm[0] = False  # a caption with no real word scores 0
+    wm[1, 0], wm[1, 1:] = False, True  # words need not start at position 0
+    c = F.normalize(torch.randn(3, 4, 8), dim=-1)
+    cm = torch.tensor([[True, True, True, True], [True, False, True, False], [False, False, False, True]])
+    full = mrsw(w, wm, c, cm, reduce)
+    cap = torch.tensor([0, 1, 2, 3, 4, 5, 5, 2, 1, 3])
+    img = torch.tensor([2, 0, 1, 1, 2, 0, 1, 1, 2, 0])  # repeated pairs, unsorted images
+    got = mrsw_pairs(w, wm, c, cm, cap, img, reduce)
+    assert torch.allclose(got, full[cap, img], atol=1e-6)
+    assert got[0] == 0
+    assert mrsw_pairs(w, wm, c, cm, cap[:0], img[:0], reduce).shape == (0,)
 
 
 def test_fuse_standardises_then_mixes():
