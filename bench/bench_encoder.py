@@ -62,8 +62,11 @@ def main() -> int:
                                                             if args.checkpoint else DEFAULT_CHECKPOINT / "train_log.json")
     if log_path.is_file():
         log = json.loads(log_path.read_text())
+        cache = (f"{log['cache_seconds'] / 60:.1f} min in the run that trained it" if "cache_seconds" in log
+                 else "not recorded in this log")
         body += ["", f"Training (`.venv/bin/encoder train`): {log.get('train_seconds', 0) / 60:.0f} min on this "
-                 f"machine after the feature cache (built once: ~3 min MiniLM, ~17 min EfficientNet under this session's load); best epoch {log.get('best_epoch')} by val two-stage rsum. "
+                 f"machine after the feature cache (built once per collection and backbone config: {cache}); "
+                 f"best epoch {log.get('best_epoch')} by val two-stage rsum. "
                  "Val history (epoch: global / two-stage at the per-epoch selection depth):",
                  "", " ".join(f"{h['epoch']}: {h['global']:.0f}/{h['two_stage']:.0f};" for h in log["history"])]
     write_section("Encoder: Flickr8k 1K test", "\n".join(body))

@@ -1,6 +1,6 @@
 """Backbone fine-tuning experiment: a training config against the committed default model.
 
-    .venv/bin/python bench/bench_finetune.py --config encoder/configs/finetune_image.json
+    .venv/bin/python bench/bench_finetune.py --config encoder/configs/finetune_text.json
 
 Trains the config (`encoder train`; resumable, and a finished run is reused), then evaluates
 its checkpoint and the committed default side by side on the Flickr8k 1K test (one process,

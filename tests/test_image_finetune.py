@@ -136,16 +136,19 @@ def test_config_refuses_what_cannot_be_trained(kw, match):
         BackboneConfig(**kw)
 
 
-def test_finetune_image_config_is_the_default_plus_two_blocks():
+def test_default_config_is_the_frozen_backbone_config_plus_two_image_blocks():
     from encoder.cli import DEFAULT_CONFIG
 
     default = json.loads(DEFAULT_CONFIG.read_text())
-    fine = json.loads((DEFAULT_CONFIG.parent / "finetune_image.json").read_text())
-    assert fine.pop("out") == "runs/finetune_image"
-    assert fine["model"]["image_backbone"].pop("train_layers") == 2
-    default.pop("out")
-    assert fine == default
-    assert TrainConfig.from_file(DEFAULT_CONFIG.parent / "finetune_image.json").model.image_backbone.train_layers == 2
+    frozen = json.loads((DEFAULT_CONFIG.parent / "frozen_backbones.json").read_text())
+    assert default.pop("out") == "runs/default" and frozen.pop("out") == "runs/frozen_backbones"
+    assert default["model"]["image_backbone"].pop("train_layers") == 2
+    assert default == frozen
+    cfg = TrainConfig.from_file(DEFAULT_CONFIG)
+    assert cfg.model.image_backbone.train_layers == 2 and cfg.backbone_lr < cfg.lr
+    # the committed default model is the one this config trains
+    model_cfg = json.loads((DEFAULT_CONFIG.parents[1] / "default_model" / "config.json").read_text())["model"]
+    assert ModelConfig.model_validate(model_cfg).image_backbone == cfg.model.image_backbone
 
 
 def test_train_with_a_trainable_image_top_checkpoints(tmp_path, split_collection):

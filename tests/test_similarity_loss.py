@@ -62,6 +62,8 @@ def test_mrsw_pairs_matches_the_full_matrix_with_padding_on_both_sides(reduce):
     img = torch.tensor([2, 0, 1, 1, 2, 0, 1, 1, 2, 0])  # repeated pairs, unsorted images
     got = mrsw_pairs(w, wm, c, cm, cap, img, reduce)
     assert torch.allclose(got, full[cap, img], atol=1e-6)
+    for rows_per_op in (1, 7):  # one image per batched call, or a few of similar sizes
+        assert torch.allclose(mrsw_pairs(w, wm, c, cm, cap, img, reduce, rows_per_op), got, atol=1e-6)
     assert got[0] == 0
     assert mrsw_pairs(w, wm, c, cm, cap[:0], img[:0], reduce).shape == (0,)
 

@@ -193,12 +193,12 @@ def test_config_accepts_the_finetune_config_and_defaults():
     assert BackboneConfig(kind="minilm").train_layers == 0
     from encoder.cli import DEFAULT_CONFIG
 
-    default = json.loads(DEFAULT_CONFIG.read_text())
+    frozen = json.loads((DEFAULT_CONFIG.parent / "frozen_backbones.json").read_text())
     fine = json.loads((DEFAULT_CONFIG.parent / "finetune_text.json").read_text())
     assert fine.pop("out") == "runs/finetune_text"
     assert fine["model"]["text_backbone"].pop("train_layers") == 1
-    default.pop("out")
-    assert fine == default
+    frozen.pop("out")
+    assert fine == frozen
     cfg = TrainConfig.from_file(DEFAULT_CONFIG.parent / "finetune_text.json")
     assert cfg.backbone_lr < cfg.lr
 
