@@ -107,16 +107,21 @@ class EfficientNetLite0(ImageBackbone):
 
     def load_top(self, top: "ImageTop") -> None:
         """Overwrite the last blocks and the conv head with fine-tuned ones (see HFText.load_top)."""
-        blocks = self.net._blocks
-        n = len(top.blocks)
-        if n > len(blocks):
-            raise ValueError(f"checkpoint has {n} fine-tuned image blocks; the backbone has {len(blocks)}")
+        _load_last(self.net._blocks, top.blocks, "image blocks")
         with torch.no_grad():
-            for dst, src in zip(blocks[len(blocks) - n:], top.blocks):
-                dst.load_state_dict(src.state_dict())
             self.net._conv_head.load_state_dict(top.conv_head.state_dict())
             self.net._bn1.load_state_dict(top.bn.state_dict())
         self.net = self.net.to(memory_format=torch.channels_last)
+
+
+def _load_last(stack: nn.ModuleList, copies: nn.ModuleList, what: str) -> None:
+    """Write fine-tuned copies over the last len(copies) modules of a backbone's stack."""
+    n = len(copies)
+    if n > len(stack):
+        raise ValueError(f"checkpoint has {n} fine-tuned {what}; the backbone has {len(stack)}")
+    with torch.no_grad():
+        for dst, src in zip(stack[len(stack) - n:], copies):
+            dst.load_state_dict(src.state_dict())
 
 
 def _grid_tokens(x: torch.Tensor) -> TokenBatch:
@@ -281,13 +286,7 @@ class HFText(TextBackbone):
     def load_top(self, top: "TextTop") -> None:
         """Overwrite the last layers with fine-tuned ones, so every runtime that runs `self.net`
         (torch, the ONNX export) runs them with no other change."""
-        layers = self.layer_stack()
-        n = len(top.layers)
-        if n > len(layers):
-            raise ValueError(f"checkpoint has {n} fine-tuned text layers; the backbone has {len(layers)}")
-        with torch.no_grad():
-            for dst, src in zip(layers[len(layers) - n:], top.layers):
-                dst.load_state_dict(src.state_dict())
+        _load_last(self.layer_stack(), top.layers, "text layers")
 
 
 class MiniLM(HFText):
