@@ -130,30 +130,6 @@ def fuse(global_s: torch.Tensor, local_s: torch.Tensor, cfg: ScoreConfig) -> tor
     return (1.0 - cfg.alpha) * zg + cfg.alpha * zl
 
 
-def local_for_candidates(query_tokens: torch.Tensor, query_mask: torch.Tensor, cand_tokens: torch.Tensor,
-                         cand_mask: torch.Tensor, query_is_text: bool, reduce: str = "mean") -> torch.Tensor:
-    """MrSw of one query against its K gathered candidates, in one batched call.
-
-    query [T, D] / [T]; candidates [K, S, D] / [K, S] -> [K]. Words are always the caption
-    side, whichever side is the query.
-    """
-    return local_for_candidates_batched(query_tokens[None], query_mask[None], cand_tokens[None], cand_mask[None],
-                                        query_is_text, reduce)[0]
-
-
-def local_for_candidates_batched(query_tokens: torch.Tensor, query_mask: torch.Tensor, cand_tokens: torch.Tensor,
-                                 cand_mask: torch.Tensor, query_is_text: bool, reduce: str = "mean") -> torch.Tensor:
-    """MrSw of Q queries against K candidates each: [Q, T, D], [Q, K, S, D] -> [Q, K].
-
-    One GEMM per query (its tokens against all K*S candidate tokens) instead of K tiny ones:
-    the re-rank is then as efficient per pair as exhaustive matching.
-    """
-    Q, K, S, D = cand_tokens.shape
-    T = query_tokens.shape[1]
-    sim = torch.bmm(query_tokens, cand_tokens.reshape(Q, K * S, D).transpose(1, 2)).view(Q, T, K, S)
-    return _mrsw_from_sim(sim, query_mask, cand_mask, query_is_text, reduce)
-
-
 def local_from_flat(sim: torch.Tensor, query_mask: torch.Tensor, lengths: torch.Tensor, query_is_text: bool,
                     reduce: str = "mean") -> torch.Tensor:
     """MrSw of one query against K candidates whose tokens lie back to back (as the index stores

@@ -9,7 +9,7 @@ from encoder.config import LossConfig, ScoreConfig
 from encoder.heads import Embeddings
 from encoder.loss import cmc_loss, hinge_hardest, infonce, intra_consistency
 from encoder.evaluate import rerank_candidates
-from encoder.similarity import fuse, local_for_candidates, mrsw, mrsw_chunked, mrsw_pairs, word_alignment
+from encoder.similarity import fuse, mrsw, mrsw_chunked, mrsw_pairs, word_alignment
 
 
 def test_mrsw_each_word_takes_best_cell_and_padding_is_ignored():
@@ -40,9 +40,6 @@ def test_mrsw_variants_agree():
     assert torch.allclose(rerank_candidates(words, cells, cand_t2i, True, "mean"), full.gather(1, cand_t2i), atol=1e-6)
     cand_i2t = torch.tensor([[4, 0, 2], [1, 3, 0], [2, 2, 4], [0, 1, 3]])
     assert torch.allclose(rerank_candidates(cells, words, cand_i2t, False, "mean"), full.T.gather(1, cand_i2t), atol=1e-6)
-    # re-rank kernel: text query against image candidates and image query against caption candidates
-    assert torch.allclose(local_for_candidates(w[2], wm[2], c, cm, query_is_text=True), full[2], atol=1e-6)
-    assert torch.allclose(local_for_candidates(c[1], cm[1], w, wm, query_is_text=False), full[:, 1], atol=1e-6)
     idx, score = word_alignment(w[0], wm[0], c, cm)
     assert idx.shape == (4, 7) and (idx[:, ~wm[0]] == -1).all()
     assert torch.allclose((score.sum(1) / wm[0].sum()), full[0], atol=1e-6)
