@@ -96,3 +96,18 @@ def _split_collection(root: Path, n_train: int = 8, n_val: int = 4) -> Path:
 @pytest.fixture()
 def split_collection():
     return _split_collection
+
+
+def _mrsw_one(query, query_mask, cand, cand_mask, query_is_text: bool, reduce: str = "mean"):
+    """Reference MrSw of one query [T, D] against K padded candidates [K, S, D] -> [K]
+    (words are the caption side, whichever side is the query), from the all-pairs `mrsw`."""
+    from encoder.similarity import mrsw
+
+    if query_is_text:
+        return mrsw(query[None], query_mask[None], cand, cand_mask, reduce)[0]
+    return mrsw(cand, cand_mask, query[None], query_mask[None], reduce)[:, 0]
+
+
+@pytest.fixture()
+def mrsw_one():
+    return _mrsw_one

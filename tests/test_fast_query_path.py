@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from encoder.heads import Embeddings
-from encoder.similarity import local_for_candidates, local_from_flat
+from encoder.similarity import local_from_flat
 from indexer.tokenstore import SCORE_CHUNK, TokenCodec, pad_blocks
 
 TEXTS = ["a dog runs on the beach", "Two children play in the snow while their mother watches from a bench",
@@ -147,7 +147,7 @@ def test_coalescing_encoder_gives_every_waiter_the_failure():
 
 @pytest.mark.parametrize("query_is_text", [True, False])
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
-def test_local_from_flat_equals_padded_blocks(query_is_text, reduce):
+def test_local_from_flat_equals_padded_blocks(query_is_text, reduce, mrsw_one):
     g = torch.Generator().manual_seed(0)
     D = 8
     lengths = torch.tensor([3, 1, 5, 5, 2])
@@ -155,13 +155,13 @@ def test_local_from_flat_equals_padded_blocks(query_is_text, reduce):
     q = torch.nn.functional.normalize(torch.randn(6, D, generator=g), dim=-1)
     qm = torch.tensor([True] * 4 + [False] * 2)
     blocks, mask = pad_blocks(flat.numpy(), lengths.numpy())
-    ref = local_for_candidates(q, qm, torch.from_numpy(blocks), torch.from_numpy(mask), query_is_text, reduce)
+    ref = mrsw_one(q, qm, torch.from_numpy(blocks), torch.from_numpy(mask), query_is_text, reduce)
     got = local_from_flat(q @ flat.T, qm, lengths, query_is_text, reduce)
     assert torch.allclose(got, ref, atol=1e-6)
     even = torch.tensor([5, 5, 5])  # the all-full fast path (image grids)
     flat2 = torch.nn.functional.normalize(torch.randn(15, D, generator=g), dim=-1)
     b2, m2 = pad_blocks(flat2.numpy(), even.numpy())
-    ref2 = local_for_candidates(q, qm, torch.from_numpy(b2), torch.from_numpy(m2), query_is_text, reduce)
+    ref2 = mrsw_one(q, qm, torch.from_numpy(b2), torch.from_numpy(m2), query_is_text, reduce)
     assert torch.allclose(local_from_flat(q @ flat2.T, qm, even, query_is_text, reduce), ref2, atol=1e-6)
 
 

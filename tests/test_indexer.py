@@ -76,10 +76,9 @@ def test_stored_vectors_match_fresh_encoding(built, tiny_collection):
 
 
 @pytest.mark.parametrize("tokens", ["fp16", "int8"])
-def test_rerank_scores_from_stored_rows_equal_decoded_blocks(tiny_collection, tiny_checkpoint, tmp_path, tokens):
+def test_rerank_scores_from_stored_rows_equal_decoded_blocks(tiny_collection, tiny_checkpoint, tmp_path, tokens,
+                                                             mrsw_one):
     """The service scores candidates straight from stored codes; same numbers as decoding them."""
-    from encoder.similarity import local_for_candidates
-
     out = tmp_path / "idx"
     build(cfg(tiny_collection, out, tiny_checkpoint, tokens=tokens))
     s = Searcher(out)
@@ -88,8 +87,8 @@ def test_rerank_scores_from_stored_rows_equal_decoded_blocks(tiny_collection, ti
             s.encoder.encode_images([Image.open(tiny_collection / "images" / "img2.jpg")])
         qt, qm = q.tokens[0], q.mask[0]
         g = s.gather(kind, ids[::-1].copy())
-        ref = local_for_candidates(qt, qm, torch.from_numpy(g.tokens), torch.from_numpy(g.mask), query_is_text,
-                                   s.score.local_reduce)
+        ref = mrsw_one(qt, qm, torch.from_numpy(g.tokens), torch.from_numpy(g.mask), query_is_text,
+                       s.score.local_reduce)
         got = s.local_scores(kind, ids[::-1].copy(), qt, qm, query_is_text)
         assert torch.allclose(got, ref, atol=1e-5)
 
