@@ -146,6 +146,10 @@ def test_default_config_is_the_frozen_backbone_config_plus_two_image_blocks():
     assert default == frozen
     cfg = TrainConfig.from_file(DEFAULT_CONFIG)
     assert cfg.model.image_backbone.train_layers == 2 and cfg.backbone_lr < cfg.lr
+    # the learning-rate experiment differs from the default in its lr for the image blocks only
+    lr3 = json.loads((DEFAULT_CONFIG.parent / "image_backbone_lr3e-4.json").read_text())
+    assert lr3.pop("out") == "runs/finetune_image_lr3" and lr3.pop("backbone_lr") == 3e-4
+    assert lr3 == {k: v for k, v in json.loads(DEFAULT_CONFIG.read_text()).items() if k != "out"}
     # the committed default model is the one this config trains
     model_cfg = json.loads((DEFAULT_CONFIG.parents[1] / "default_model" / "config.json").read_text())["model"]
     assert ModelConfig.model_validate(model_cfg).image_backbone == cfg.model.image_backbone
