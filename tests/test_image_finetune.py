@@ -95,7 +95,7 @@ def test_grid_cache_is_fp16_resumable_and_keyed_apart(backbone, images, tmp_path
     assert len(names) == 3
 
 
-def test_finetuned_checkpoint_encodes_raw_images_like_the_training_path(backbone, images, tmp_path):
+def test_finetuned_checkpoint_encodes_raw_images_like_the_training_path(backbone, images, tmp_path, monkeypatch, refuse_call):
     torch.manual_seed(0)
     model = TGDTModel(_model_config(2), image_dim=1280, text_dim=32, image_grid=(7, 7))
     model.eval().save_pretrained(tmp_path / "init")
@@ -116,7 +116,11 @@ def test_finetuned_checkpoint_encodes_raw_images_like_the_training_path(backbone
     ckpt = model.save_pretrained(tmp_path / "ckpt")
     with torch.no_grad():
         ref = model.encode_image_cache(mid)
-    loaded = TGDTModel.from_pretrained(ckpt)
+    with monkeypatch.context() as m:  # the checkpoint supplies the top: no pretrained load for it
+        from efficientnet_lite_pytorch import EfficientNet
+
+        refuse_call(m, EfficientNet, "from_pretrained")
+        loaded = TGDTModel.from_pretrained(ckpt)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     assert checkpoint_digest(ckpt) != checkpoint_digest(tmp_path / "init")
     enc = Encoder.from_pretrained(ckpt, device="cpu")

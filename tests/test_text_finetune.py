@@ -117,7 +117,7 @@ def test_hidden_cache_is_fp16_resumable_and_keyed_apart(backbone, tmp_path):
     assert cache_name("text", BackboneConfig(kind="minilm", train_layers=1), CAPTIONS) != old
 
 
-def test_finetuned_checkpoint_encodes_raw_captions_like_the_training_path(backbone, tmp_path):
+def test_finetuned_checkpoint_encodes_raw_captions_like_the_training_path(backbone, tmp_path, monkeypatch, refuse_call):
     torch.manual_seed(0)
     model = TGDTModel(_model_config(1), image_dim=32, text_dim=384, image_grid=(4, 4))
     model.eval().save_pretrained(tmp_path / "init")
@@ -141,7 +141,11 @@ def test_finetuned_checkpoint_encodes_raw_captions_like_the_training_path(backbo
         ref16 = model.encode_text_cache(_from_cache(cache_text_hidden(CAPTIONS, backbone, 1, tmp_path / "h.h5")))
 
     # round trip: the fine-tuned layers are in the safetensors, and identify the checkpoint
-    loaded = TGDTModel.from_pretrained(ckpt)
+    with monkeypatch.context() as m:  # the checkpoint supplies the top: no pretrained load for it
+        import transformers
+
+        refuse_call(m, transformers.AutoModel, "from_pretrained")
+        loaded = TGDTModel.from_pretrained(ckpt)
     sd = loaded.state_dict()
     assert any(k.startswith("text_top.layers.0.") for k in sd)
     assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
