@@ -34,15 +34,25 @@ def exact_stage_one(images: Embeddings, captions: Embeddings) -> StageOne:
     return run
 
 
-def rerank_candidates(queries: Embeddings, gallery: Embeddings, cand: torch.Tensor, query_is_text: bool,
-                      reduce: str) -> torch.Tensor:
-    """MrSw of every query against its stage-one candidates [Q, K] -> [Q, K] (`mrsw_pairs`:
-    the words are always the caption side, whichever side is the query)."""
-    Q, K = cand.shape
-    mine = torch.arange(Q, device=cand.device).repeat_interleave(K)
-    captions, images = (queries, gallery) if query_is_text else (gallery, queries)
-    cap, img = (mine, cand.reshape(-1)) if query_is_text else (cand.reshape(-1), mine)
-    return mrsw_pairs(captions.tokens, captions.mask, images.tokens, images.mask, cap, img, reduce).view(Q, K)
+def rerank_candidates(images: Embeddings, captions: Embeddings, cand_t2i: torch.Tensor,
+                      cand_i2t: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """MrSw of both directions' stage-one candidates: cand_t2i [M, K] image ids per caption and
+    cand_i2t [N, K'] caption ids per image -> scores of the same shapes.
+
+    The two lists mostly name the same pairs (a caption whose image ranks it in the top K is
+    nearly always in that image's top K too: at K = 100 on Flickr8k's 1K test, every one of
+    the 100k image->text pairs is among the 500k text->image ones), so the union is scored
+    once with `mrsw_pairs`, where the words are always the caption side.
+    """
+    M, K1 = cand_t2i.shape
+    N, K2 = cand_i2t.shape
+    dev = cand_t2i.device
+    cap = torch.cat([torch.arange(M, device=dev).repeat_interleave(K1), cand_i2t.reshape(-1)])
+    img = torch.cat([cand_t2i.reshape(-1), torch.arange(N, device=dev).repeat_interleave(K2)])
+    pairs, back = torch.unique(cap * N + img, return_inverse=True)
+    loc = mrsw_pairs(captions.tokens, captions.mask, images.tokens, images.mask,
+                     torch.div(pairs, N, rounding_mode="floor"), pairs % N, reduce)[back]
+    return loc[:M * K1].view(M, K1), loc[M * K1:].view(N, K2)
 
 
 @torch.inference_mode()
@@ -64,12 +74,13 @@ def evaluate_embeddings(images: Embeddings, captions: Embeddings, caption_image:
         results["global"] = {**r, "seconds": round(time.perf_counter() - t0, 3)}
     if "two_stage" in modes:
         t0 = time.perf_counter()
+        first = {"t2i": stage_one(captions.global_, "t2i", k), "i2t": stage_one(images.global_, "i2t", k)}
+        local = dict(zip(("t2i", "i2t"), rerank_candidates(images, captions, first["t2i"][1], first["i2t"][1],
+                                                           score.local_reduce)))
         ranks = {}
-        for direction, q, gt in (("t2i", captions.global_, gt_t2i), ("i2t", images.global_, gt_i2t)):
-            s, cand = stage_one(q, direction, k)
-            queries, gallery = (captions, images) if direction == "t2i" else (images, captions)
-            loc = rerank_candidates(queries, gallery, cand, direction == "t2i", score.local_reduce)
-            fused = fuse(torch.gather(s, 1, cand), loc, score)
+        for direction, gt in (("t2i", gt_t2i), ("i2t", gt_i2t)):
+            s, cand = first[direction]
+            fused = fuse(torch.gather(s, 1, cand), local[direction], score)
             ranks[direction] = ranks_two_stage(s, cand, fused, gt)
         r = recall_table(ranks["i2t"], ranks["t2i"])
         results["two_stage"] = {**r, "k": k, "seconds": round(time.perf_counter() - t0, 3)}

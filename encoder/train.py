@@ -202,13 +202,13 @@ def calibrate_score(images: Embeddings, captions: Embeddings, caption_image: tor
     N, M = images.global_.shape[0], captions.global_.shape[0]
     gt = torch.zeros(M, N, dtype=torch.bool)
     gt[torch.arange(M), caption_image] = True
-    parts = {}
-    for direction, q, g, gtm in (("t2i", captions.global_, images.global_, gt), ("i2t", images.global_, captions.global_, gt.T)):
+    first = {}
+    for direction, q, g in (("t2i", captions.global_, images.global_), ("i2t", images.global_, captions.global_)):
         s = global_scores(q, g)
-        cand = s.topk(min(k, s.shape[1]), dim=1).indices
-        queries, gallery = (captions, images) if direction == "t2i" else (images, captions)
-        loc = rerank_candidates(queries, gallery, cand, direction == "t2i", reduce)
-        parts[direction] = (s, cand, torch.gather(s, 1, cand), loc, gtm)
+        first[direction] = (s, s.topk(min(k, s.shape[1]), dim=1).indices)
+    local = dict(zip(("t2i", "i2t"), rerank_candidates(images, captions, first["t2i"][1], first["i2t"][1], reduce)))
+    parts = {d: (s, cand, torch.gather(s, 1, cand), local[d], gt if d == "t2i" else gt.T)
+             for d, (s, cand) in first.items()}
     gs = torch.cat([p[2].reshape(-1) for p in parts.values()])
     ls = torch.cat([p[3].reshape(-1) for p in parts.values()])
     base = dict(global_mean=float(gs.mean()), global_std=float(gs.std()) or 1.0,
