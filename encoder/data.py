@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 
 class CollectionError(ValueError):
@@ -31,17 +32,10 @@ class Collection:
         return len(self.images)
 
 
-def load_pairs(root: str | Path, pairs_file: str = "pairs.jsonl", split: str | None = None,
-               limit: int | None = None) -> Collection:
-    """Read a pairs.jsonl collection; `split=None` takes every line."""
-    root = Path(root)
-    path = Path(pairs_file) if Path(pairs_file).is_absolute() else root / pairs_file
-    if not path.is_file():
-        raise CollectionError(f"no captions file at {path}")
-    images: list[str] = []
-    captions: list[str] = []
-    owner: list[int] = []
-    meta: list[dict] = []
+def pair_records(path: Path, split: str | None = None) -> Iterator[tuple[str, list[str], dict]]:
+    """(image, captions, metadata) for each line of a pairs.jsonl file in `split` (None: all),
+    in file order. The one reader of the format: the trainer, the evaluation and the indexer
+    all go through it. `captions` may also be a single string or be named `caption`."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -53,17 +47,30 @@ def load_pairs(root: str | Path, pairs_file: str = "pairs.jsonl", split: str | N
                 raise CollectionError(f"{path}:{lineno}: expected a JSON object with an 'image' field") from None
             if split is not None and rec.get("split") != split:
                 continue
-            caps = rec.get("captions") or []
-            if isinstance(caps, str):
-                caps = [caps]
-            idx = len(images)
-            images.append(str(image))
-            meta.append({k: v for k, v in rec.items() if k not in ("image", "captions")})
-            for c in caps:
-                captions.append(str(c))
-                owner.append(idx)
-            if limit is not None and len(images) >= limit:
-                break
+            caps = rec.get("captions", rec.get("caption")) or []
+            caps = [caps] if isinstance(caps, str) else [str(c) for c in caps]
+            yield str(image), caps, {k: v for k, v in rec.items() if k not in ("image", "captions", "caption")}
+
+
+def load_pairs(root: str | Path, pairs_file: str = "pairs.jsonl", split: str | None = None,
+               limit: int | None = None) -> Collection:
+    """Read a pairs.jsonl collection; `split=None` takes every line."""
+    root = Path(root)
+    path = Path(pairs_file) if Path(pairs_file).is_absolute() else root / pairs_file
+    if not path.is_file():
+        raise CollectionError(f"no captions file at {path}")
+    images: list[str] = []
+    captions: list[str] = []
+    owner: list[int] = []
+    meta: list[dict] = []
+    for image, caps, extra in pair_records(path, split):
+        idx = len(images)
+        images.append(image)
+        meta.append(extra)
+        captions.extend(caps)
+        owner.extend([idx] * len(caps))
+        if limit is not None and len(images) >= limit:
+            break
     if not images:
         raise CollectionError(f"{path}: no images" + (f" in split {split!r}" if split else ""))
     return Collection(root, images, captions, owner, meta)

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from encoder.data import CollectionError, pair_records
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _IMAGE_COLS = ("image", "file_name", "filename", "path", "image_path")
 _CAPTION_COLS = ("caption", "captions", "text", "sentence")
@@ -54,19 +56,11 @@ def _add(table: dict[str, Entry], order: list[str], image: str, caps, meta: dict
 
 
 def _read_jsonl(path: Path, split: str | None, table: dict, order: list) -> None:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                image = rec["image"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(f"{path}:{lineno}: expected a JSON object with an 'image' field") from None
-            if split is not None and rec.get("split") != split:
-                continue
-            caps = rec.get("captions", rec.get("caption"))
-            _add(table, order, image, caps, {k: v for k, v in rec.items() if k not in ("image", "captions", "caption")})
+    try:
+        for image, caps, meta in pair_records(path, split):
+            _add(table, order, image, caps, meta)
+    except CollectionError as e:
+        raise InputError(str(e)) from None
 
 
 def _read_coco(path: Path, split: str | None, table: dict, order: list) -> None:

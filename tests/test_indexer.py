@@ -438,3 +438,28 @@ def test_sigkilled_build_process_resumes(tiny_collection, tiny_checkpoint, tmp_p
             assert np.allclose(a[key], b[key], atol=1e-6), key
         elif key != "items":
             assert np.array_equal(a[key], b[key]), key
+
+
+def test_pairs_jsonl_reads_the_same_for_the_encoder_and_the_indexer(tmp_path):
+    from encoder.data import CollectionError, load_pairs
+    from indexer.inputs import InputError, read_source
+
+    root = tmp_path / "c"
+    root.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.new("RGB", (8, 8), "red").save(root / name)
+    lines = [{"image": "a.jpg", "captions": ["one", "two"], "split": "test", "who": 1},
+             {"image": "b.jpg", "caption": "single", "split": "test"},
+             {"image": "c.jpg", "captions": ["other"], "split": "train"}]
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n\n")
+    col = load_pairs(root, split="test")
+    src = read_source(root, root / "pairs.jsonl", split="test")
+    assert col.images == [e.path for e in src.entries] == ["a.jpg", "b.jpg"]
+    assert col.captions == ["one", "two", "single"] and col.caption_image == [0, 0, 1]
+    assert [e.captions for e in src.entries] == [["one", "two"], ["single"]]
+    assert col.meta[0] == src.entries[0].meta == {"split": "test", "who": 1}
+    (root / "pairs.jsonl").write_text(json.dumps(lines[0]) + "\n{not json\n")
+    for read, error in ((lambda: load_pairs(root), CollectionError),
+                        (lambda: read_source(root, root / "pairs.jsonl"), InputError)):
+        with pytest.raises(error, match=r"pairs.jsonl:2: expected a JSON object"):
+            read()
