@@ -23,13 +23,13 @@ from tqdm import tqdm
 from .backbones import HiddenBatch, TokenBatch, build_image_backbone, build_text_backbone
 from .config import ScoreConfig, TrainConfig
 from .data import load_pairs
-from .evaluate import evaluate_embeddings, markdown_table, rerank_candidates
+from .evaluate import evaluate_embeddings, exact_stage_one, markdown_table, rerank_candidates
 from .features import cache_complete, cache_image_tokens, cache_name, cache_text_hidden, cache_text_tokens, load_cached
 from .heads import Embeddings
 from .loss import cmc_loss
 from .model import TGDTModel
 from .protocol import ranks_two_stage, recall_table
-from .similarity import fuse, global_scores
+from .similarity import fuse
 
 
 @dataclass
@@ -202,10 +202,8 @@ def calibrate_score(images: Embeddings, captions: Embeddings, caption_image: tor
     N, M = images.global_.shape[0], captions.global_.shape[0]
     gt = torch.zeros(M, N, dtype=torch.bool)
     gt[torch.arange(M), caption_image] = True
-    first = {}
-    for direction, q, g in (("t2i", captions.global_, images.global_), ("i2t", images.global_, captions.global_)):
-        s = global_scores(q, g)
-        first[direction] = (s, s.topk(min(k, s.shape[1]), dim=1).indices)
+    stage_one = exact_stage_one(images, captions)
+    first = {"t2i": stage_one(captions.global_, "t2i", k), "i2t": stage_one(images.global_, "i2t", k)}
     local = dict(zip(("t2i", "i2t"), rerank_candidates(images, captions, first["t2i"][1], first["i2t"][1], reduce)))
     parts = {d: (s, cand, torch.gather(s, 1, cand), local[d], gt if d == "t2i" else gt.T)
              for d, (s, cand) in first.items()}
