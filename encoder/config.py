@@ -121,6 +121,14 @@ class ModelConfig(_Strict):
     text_head: HeadConfig = Field(default_factory=HeadConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     init_temperature: float = 0.07
+    # > 0: the served global embedding of each side is a separate MLP (this hidden width) on the
+    # mean of the backbone's tokens, trained after the TGDT branches (`encoder.train_pooled`);
+    # the TGDT token embeddings still re-rank. 0: the token-guided global is served.
+    pooled_global: int = Field(0, ge=0)
+
+    def without_pooled_global(self) -> "ModelConfig":
+        """The config the TGDT branches train under (the pooled towers come afterwards)."""
+        return self.model_copy(update={"pooled_global": 0})
 
 
 class LossConfig(_Strict):
@@ -164,6 +172,9 @@ class TrainConfig(_Strict):
     max_train_images: int | None = None  # for smoke tests
     max_val_images: int | None = None
     num_threads: int | None = None
+    # the pooled global towers (model.pooled_global > 0): the baseline recipe of seeds.md
+    pooled_epochs: int = Field(20, ge=1)
+    pooled_lr: float = Field(1e-3, gt=0)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":

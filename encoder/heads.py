@@ -55,10 +55,43 @@ class SlotBlock(nn.Module):
         return slot + self.ff(self.norm_ff(slot))
 
 
+class PooledTower(nn.Module):
+    """A single-vector model on the mean of the backbone's tokens: standardised with training
+    statistics, then dropout -> hidden -> GELU -> dropout -> dim, L2-normalised.
+
+    This is the plain baseline of seeds.md, and alone it beats the token-guided global as a
+    first stage (BENCHMARKS.md). Trained on its own, after the TGDT branches, it also errs
+    differently from their token match, so a re-rank by MrSw adds more on top of it.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, dim: int, dropout: float = 0.3):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, dim))
+
+    def set_statistics(self, pooled: torch.Tensor) -> None:
+        self.mean.copy_(pooled.mean(0))
+        self.std.copy_(pooled.std(0).clamp(min=1e-6))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net((pooled - self.mean) / self.std), dim=-1)
+
+
+def pool_tokens(tb: TokenBatch) -> torch.Tensor:
+    """Mean of each row's real tokens [B, T, D] -> [B, D]."""
+    x, mask = tb.tokens.float(), tb.mask
+    return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+
+
 class TGDTHead(nn.Module):
-    def __init__(self, in_dim: int, dim: int, cfg: HeadConfig, grid: tuple[int, int] | None, max_len: int):
+    def __init__(self, in_dim: int, dim: int, cfg: HeadConfig, grid: tuple[int, int] | None, max_len: int,
+                 pooled_global: int = 0):
         super().__init__()
         self.cfg = cfg
+        # the served global when set (see PooledTower); the token-guided global then only trains
+        self.pooled_global = PooledTower(in_dim, pooled_global, dim) if pooled_global else None
         self.grid = grid
         self.norm_in = nn.LayerNorm(in_dim)
         self.drop_in = nn.Dropout(cfg.input_dropout)
@@ -103,7 +136,7 @@ class TGDTHead(nn.Module):
             keep = torch.rand(mask.shape, device=mask.device) >= self.cfg.token_drop
             keep[torch.arange(mask.shape[0]), mask.float().argmax(1)] = True  # never drop every token
             mask = mask & keep
-        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        pooled = pool_tokens(TokenBatch(x, mask))
         h = self.proj(self.drop_in(self.norm_in(x))) + pos
         pad = ~mask
         for layer in self.token_layers:
@@ -116,6 +149,8 @@ class TGDTHead(nn.Module):
             # index, the kernels and grounding need nothing new.
             w = self.salience(h).squeeze(-1).masked_fill(~mask, float("-inf")).softmax(dim=1)
             tokens = tokens * w.nan_to_num(0.0)[..., None]
+        if self.pooled_global is not None:
+            return Embeddings(self.pooled_global(pooled), tokens, mask)
         if self.cfg.global_mode == "cross":
             g = self.global_slot.expand(x.shape[0], -1, -1)
             for layer in self.global_layers:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .backbones import HiddenBatch, ImageTop, TextTop, TokenBatch, build_image_top, build_text_top
 from .config import ModelConfig
-from .heads import Embeddings, TGDTHead
+from .heads import Embeddings, PooledTower, TGDTHead
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default_model"
 WEIGHTS = "model.safetensors"
@@ -36,8 +36,10 @@ class TGDTModel(nn.Module):
         self.config = config
         self.image_dim, self.text_dim, self.image_grid = image_dim, text_dim, tuple(image_grid)
         d = config.embed_dim
-        self.image_head = TGDTHead(image_dim, d, config.image_head, self.image_grid, image_grid[0] * image_grid[1])
-        self.text_head = TGDTHead(text_dim, d, config.text_head, None, config.text_backbone.max_tokens)
+        self.image_head = TGDTHead(image_dim, d, config.image_head, self.image_grid, image_grid[0] * image_grid[1],
+                                   config.pooled_global)
+        self.text_head = TGDTHead(text_dim, d, config.text_head, None, config.text_backbone.max_tokens,
+                                  config.pooled_global)
         init = math.log(1.0 / config.init_temperature)
         self.logit_scale = nn.Parameter(torch.tensor(init))
         self.local_logit_scale = nn.Parameter(torch.tensor(init))
@@ -72,6 +74,12 @@ class TGDTModel(nn.Module):
                 raise ValueError("cached hidden states need a model with train_layers > 0")
             batch = self.text_top(batch)
         return self.text_head(batch)
+
+    def attach_pooled_global(self, image: PooledTower, text: PooledTower) -> None:
+        """Serve these towers' vectors as the global embeddings (see `encoder.train_pooled`)."""
+        hidden = image.net[1].out_features
+        self.image_head.pooled_global, self.text_head.pooled_global = image, text
+        self.config = self.config.model_copy(update={"pooled_global": hidden})
 
     # ------------------------------------------------------------------ I/O
     def save_pretrained(self, path: str | Path) -> Path:

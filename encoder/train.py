@@ -29,6 +29,7 @@ from .heads import Embeddings
 from .loss import cmc_loss
 from .model import TGDTModel
 from .protocol import ranks_two_stage, recall_table
+from .train_pooled import pooled_inputs, train_pooled_towers
 from .similarity import fuse
 
 
@@ -272,6 +273,26 @@ def _load_state(state_dir: Path, model: TGDTModel, opt: torch.optim.Optimizer) -
     return json.loads((state_dir / "state.json").read_text())
 
 
+def _add_pooled_global(model: TGDTModel, feats: Features, cfg: TrainConfig, tr_imgs: torch.Tensor,
+                       caps_of: list[torch.Tensor], val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                       progress: bool) -> dict:
+    """Train the pooled global towers on the trained model's pooled backbone outputs, attach them."""
+    started = time.time()
+    va_imgs, va_caps, va_pos = val
+    imgs, caps = torch.cat([tr_imgs, va_imgs]), torch.cat([*caps_of, va_caps])
+    image_x = torch.zeros(len(feats.image_ok), feats.image_out_dim)
+    image_x[imgs] = pooled_inputs(model, feats, imgs, image=True)
+    text_x = torch.zeros(len(feats.caption_image), feats.text_dim)
+    text_x[caps] = pooled_inputs(model, feats, caps, image=False)
+    inputs_s = time.time() - started
+    image, text, log = train_pooled_towers(
+        image_x, text_x, tr_imgs, caps_of, va_imgs, va_caps, va_pos, hidden=cfg.model.pooled_global,
+        dim=cfg.model.embed_dim, epochs=cfg.pooled_epochs, lr=cfg.pooled_lr, weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+    model.attach_pooled_global(image, text)
+    return {**log, "inputs_seconds": round(inputs_s, 1)}
+
+
 def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True) -> Path:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -294,7 +315,8 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
     bs = min(cfg.batch_size, len(tr_imgs))
 
     torch.manual_seed(cfg.seed)
-    model = TGDTModel(cfg.model, image_dim=feats.image_out_dim, text_dim=feats.text_dim, image_grid=feats.grid)
+    model = TGDTModel(cfg.model.without_pooled_global(), image_dim=feats.image_out_dim, text_dim=feats.text_dim,
+                      image_grid=feats.grid)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
     clusters = image_clusters(feats, tr_imgs, cfg.hard_clusters, cfg.seed) if cfg.hard_block else None
     batches = lambda gen: epoch_batches(tr_imgs, caps_of, bs, gen, cfg.captions_per_epoch, clusters, cfg.hard_block)
@@ -342,6 +364,9 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
         _save_state(state_dir, model, opt, meta)
     # final: best epoch, fused score calibrated on val with a finer alpha grid
     best = TGDTModel.from_pretrained(out / "best")
+    if cfg.model.pooled_global:
+        meta["pooled_global"] = _add_pooled_global(best, feats, cfg, tr_imgs, caps_of, (va_imgs, va_caps, va_pos),
+                                                   progress)
     ims, txs = embed_split(best, feats, va_imgs, va_caps)
     score, table = calibrate_score(ims, txs, va_pos, cfg.rerank_k, cfg.model.score.local_reduce)
     best.config = best.config.model_copy(update={"score": score})

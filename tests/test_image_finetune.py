@@ -140,23 +140,29 @@ def test_config_refuses_what_cannot_be_trained(kw, match):
         BackboneConfig(**kw)
 
 
-def test_default_config_is_the_frozen_backbone_config_plus_two_image_blocks():
+def test_default_config_is_the_frozen_backbone_config_plus_two_image_blocks_and_pooled_global():
     from encoder.cli import DEFAULT_CONFIG
 
     default = json.loads(DEFAULT_CONFIG.read_text())
     frozen = json.loads((DEFAULT_CONFIG.parent / "frozen_backbones.json").read_text())
     assert default.pop("out") == "runs/default" and frozen.pop("out") == "runs/frozen_backbones"
-    assert default["model"]["image_backbone"].pop("train_layers") == 2
-    assert default == frozen
+    assert default["model"].pop("pooled_global") == 1024
+    tgdt_global = default  # the default without the pooled towers, as a config of its own
+    assert default["model"]["image_backbone"]["train_layers"] == 2
     cfg = TrainConfig.from_file(DEFAULT_CONFIG)
-    assert cfg.model.image_backbone.train_layers == 2 and cfg.backbone_lr < cfg.lr
-    # the learning-rate experiment differs from the default in its lr for the image blocks only
-    lr3 = json.loads((DEFAULT_CONFIG.parent / "image_backbone_lr3e-4.json").read_text())
-    assert lr3.pop("out") == "runs/finetune_image_lr3" and lr3.pop("backbone_lr") == 3e-4
-    assert lr3 == {k: v for k, v in json.loads(DEFAULT_CONFIG.read_text()).items() if k != "out"}
+    assert cfg.model.image_backbone.train_layers == 2 and cfg.backbone_lr < cfg.lr and cfg.model.pooled_global
+    # the experiments differ from the default in the named fields only
+    for name, out, extra in (("token_guided_global", "runs/token_guided_global", {}),
+                             ("image_backbone_lr3e-4", "runs/finetune_image_lr3", {"backbone_lr": 3e-4})):
+        other = json.loads((DEFAULT_CONFIG.parent / f"{name}.json").read_text())
+        assert other.pop("out") == out and all(other.pop(k) == v for k, v in extra.items())
+        assert other == tgdt_global, name
+    image_layers = default["model"]["image_backbone"].pop("train_layers")
+    assert image_layers == 2 and default == frozen
     # the committed default model is the one this config trains
     model_cfg = json.loads((DEFAULT_CONFIG.parents[1] / "default_model" / "config.json").read_text())["model"]
-    assert ModelConfig.model_validate(model_cfg).image_backbone == cfg.model.image_backbone
+    committed = ModelConfig.model_validate(model_cfg)
+    assert committed.image_backbone == cfg.model.image_backbone and committed.pooled_global == cfg.model.pooled_global
 
 
 def test_train_with_a_trainable_image_top_checkpoints(tmp_path, split_collection):
