@@ -101,13 +101,20 @@ def main() -> int:
                                                             if args.checkpoint else DEFAULT_CHECKPOINT / "train_log.json")
     if log_path.is_file():
         log = json.loads(log_path.read_text())
-        cache = (f"{log['cache_seconds'] / 60:.1f} min in the run that trained it" if "cache_seconds" in log
-                 else "not recorded in this log")
+        cache = ("not recorded in this log" if "cache_seconds" not in log else
+                 "already built when the run started" if log["cache_seconds"] < 60 else
+                 f"{log['cache_seconds'] / 60:.1f} min in the run that trained it")
+        pooled = log.get("pooled_global")
         body += ["", f"Training (`.venv/bin/encoder train`): {log.get('train_seconds', 0) / 60:.0f} min on this "
                  f"machine after the feature cache (built once per collection and backbone config: {cache}); "
                  f"best epoch {log.get('best_epoch')} by val two-stage rsum. "
                  "Val history (epoch: global / two-stage at the per-epoch selection depth):",
                  "", " ".join(f"{h['epoch']}: {h['global']:.0f}/{h['two_stage']:.0f};" for h in log["history"])]
+        if pooled:
+            body += ["", f"Then the pooled global towers (included in the training time): {pooled['seconds']:.0f} s "
+                     f"of training after {pooled['inputs_seconds']:.0f} s pooling the fine-tuned backbone outputs; "
+                     f"best epoch {pooled['best_epoch']}, val global rsum {pooled['best_rsum']:.1f}. Final val: "
+                     f"global {log['val']['global']['rsum']:.1f}, two-stage {log['val']['two_stage']['rsum']:.1f}."]
     write_section("Encoder: Flickr8k 1K test", "\n".join(body))
     return 0
 
