@@ -76,13 +76,14 @@ def main() -> int:
         f"Training: {log['train_seconds'] / 60:.1f} min (feature cache excluded); best epoch {log['best_epoch']}, "
         f"best val two-stage rsum {log['best_rsum']:.1f} vs the default's {best_base:.1f}.",
         "",
-        "Val rsum per epoch (1,000 val images x 5,000 captions; two-stage at the per-epoch selection depth):",
         "Final checkpoints on val (best epoch, fused score calibrated, K = rerank_k; with pooled global "
         "towers, after they were added): " + "; ".join(
             f"{who} global {lg['val']['global']['rsum']:.1f}, two-stage {lg['val']['two_stage']['rsum']:.1f}"
             + (f" (pooled towers: best epoch {lg['pooled_global']['best_epoch']}, {lg['pooled_global']['seconds']:.0f} s)"
                if "pooled_global" in lg else "")
             for who, lg in (("this", log), ("default", base_log))) + ".",
+        "",
+        "Val rsum per epoch (1,000 val images x 5,000 captions; two-stage at the per-epoch selection depth):",
         "",
         *_history_table(base_log["history"], log["history"]),
         "",
