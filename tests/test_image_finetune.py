@@ -146,7 +146,7 @@ def test_default_config_is_the_frozen_backbone_config_plus_two_image_blocks_and_
     default = json.loads(DEFAULT_CONFIG.read_text())
     frozen = json.loads((DEFAULT_CONFIG.parent / "frozen_backbones.json").read_text())
     assert default.pop("out") == "runs/default" and frozen.pop("out") == "runs/frozen_backbones"
-    assert default["model"].pop("pooled_global") == 1024
+    assert default["model"].pop("pooled_global") == 1024 and default.pop("pooled_epochs") == 30
     tgdt_global = default  # the default without the pooled towers, as a config of its own
     assert default["model"]["image_backbone"]["train_layers"] == 2
     cfg = TrainConfig.from_file(DEFAULT_CONFIG)
