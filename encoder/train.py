@@ -29,8 +29,8 @@ from .heads import Embeddings
 from .loss import cmc_loss
 from .model import TGDTModel
 from .protocol import ranks_two_stage, recall_table
-from .train_pooled import pooled_inputs, train_pooled_towers
 from .similarity import fuse
+from .train_pooled import pooled_inputs, train_pooled_towers
 
 
 @dataclass
