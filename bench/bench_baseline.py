@@ -40,18 +40,14 @@ def main() -> int:
     import torch
 
     from encoder.config import TrainConfig
-    from encoder.heads import pool_tokens
-    from encoder.train import prepare_features, split_items
-    from encoder.train_pooled import global_rsum, train_pooled_towers
+    from encoder.train import captions_by_image, prepare_features, split_items
+    from encoder.train_pooled import global_rsum, pooled_inputs, train_pooled_towers
 
     cfg = TrainConfig.from_file(FROZEN)
     feats = prepare_features(cfg)  # the frozen backbones' caches, as `encoder train` builds them
-    image_x = torch.cat([pool_tokens(feats.images(torch.arange(s, min(s + 512, len(feats.image_ok)))))
-                         for s in range(0, len(feats.image_ok), 512)])
-    text_x = torch.cat([pool_tokens(feats.texts(torch.arange(s, min(s + 4096, len(feats.caption_image)))))
-                        for s in range(0, len(feats.caption_image), 4096)])
-    tr_imgs, tr_caps, tr_pos = split_items(feats, "train", None)
-    caps_of = [tr_caps[tr_pos == i] for i in range(len(tr_imgs))]
+    image_x = pooled_inputs(None, feats, torch.arange(len(feats.image_ok)), image=True)
+    text_x = pooled_inputs(None, feats, torch.arange(len(feats.caption_image)), image=False)
+    tr_imgs, caps_of = captions_by_image(*split_items(feats, "train", None))
     va, te = split_items(feats, "val", None), split_items(feats, "test", None)
     t0 = time.time()
     image, text, log = train_pooled_towers(image_x, text_x, tr_imgs, caps_of, *va, hidden=args.hidden,

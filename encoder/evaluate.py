@@ -55,6 +55,15 @@ def rerank_candidates(images: Embeddings, captions: Embeddings, cand_t2i: torch.
     return loc[:M * K1].view(M, K1), loc[M * K1:].view(N, K2)
 
 
+def stage_two_inputs(images: Embeddings, captions: Embeddings, stage_one: StageOne, k: int,
+                     reduce: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per direction ("t2i", "i2t"): stage one's global scores [Q, G], its K candidates [Q, K]
+    and their MrSw [Q, K] -- what fusing, ranking and score calibration all start from."""
+    first = {"t2i": stage_one(captions.global_, "t2i", k), "i2t": stage_one(images.global_, "i2t", k)}
+    local = rerank_candidates(images, captions, first["t2i"][1], first["i2t"][1], reduce)
+    return {d: (s, cand, loc) for (d, (s, cand)), loc in zip(first.items(), local)}
+
+
 @torch.inference_mode()
 def evaluate_embeddings(images: Embeddings, captions: Embeddings, caption_image: torch.Tensor, score: ScoreConfig,
                         k: int = 100, modes: Sequence[str] = MODES, stage_one: StageOne | None = None) -> dict:
@@ -74,14 +83,11 @@ def evaluate_embeddings(images: Embeddings, captions: Embeddings, caption_image:
         results["global"] = {**r, "seconds": round(time.perf_counter() - t0, 3)}
     if "two_stage" in modes:
         t0 = time.perf_counter()
-        first = {"t2i": stage_one(captions.global_, "t2i", k), "i2t": stage_one(images.global_, "i2t", k)}
-        local = dict(zip(("t2i", "i2t"), rerank_candidates(images, captions, first["t2i"][1], first["i2t"][1],
-                                                           score.local_reduce)))
+        parts = stage_two_inputs(images, captions, stage_one, k, score.local_reduce)
         ranks = {}
         for direction, gt in (("t2i", gt_t2i), ("i2t", gt_i2t)):
-            s, cand = first[direction]
-            fused = fuse(torch.gather(s, 1, cand), local[direction], score)
-            ranks[direction] = ranks_two_stage(s, cand, fused, gt)
+            s, cand, loc = parts[direction]
+            ranks[direction] = ranks_two_stage(s, cand, fuse(torch.gather(s, 1, cand), loc, score), gt)
         r = recall_table(ranks["i2t"], ranks["t2i"])
         results["two_stage"] = {**r, "k": k, "seconds": round(time.perf_counter() - t0, 3)}
     if "exhaustive" in modes:

@@ -56,24 +56,32 @@ class TGDTModel(nn.Module):
         """Image head on the full backbone's cells (never runs image_top, as for text)."""
         return self.image_head(tb)
 
+    def image_cells_from_cache(self, tb: TokenBatch) -> TokenBatch:
+        """The backbone's cells from cached ones: cached grids go through image_top first when
+        the model has one (they are then the grids entering the backbone's last blocks)."""
+        return self.image_top(tb) if self.image_top is not None else tb
+
     def encode_image_cache(self, tb: TokenBatch) -> Embeddings:
-        """The training path: cached grids go through image_top first when the model has one
-        (they are then the grids entering the backbone's last blocks)."""
-        return self.image_head(self.image_top(tb) if self.image_top is not None else tb)
+        """The training path, on cached backbone outputs (see image_cells_from_cache)."""
+        return self.image_head(self.image_cells_from_cache(tb))
 
     def encode_text_tokens(self, tb: TokenBatch) -> Embeddings:
         """Text head on the full backbone's word states (never runs text_top: when the model has
         one, the backbone already holds its weights, see `Encoder`)."""
         return self.text_head(tb)
 
-    def encode_text_cache(self, batch: TokenBatch | HiddenBatch) -> Embeddings:
-        """The training path, on cached backbone outputs: word states (frozen backbone) go to
-        the head; hidden states entering the trainable top go through text_top first."""
+    def text_words_from_cache(self, batch: TokenBatch | HiddenBatch) -> TokenBatch:
+        """The backbone's word states from cached ones: word states (frozen backbone) as they
+        are; hidden states entering the trainable top go through text_top first."""
         if isinstance(batch, HiddenBatch):
             if self.text_top is None:
                 raise ValueError("cached hidden states need a model with train_layers > 0")
-            batch = self.text_top(batch)
-        return self.text_head(batch)
+            return self.text_top(batch)
+        return batch
+
+    def encode_text_cache(self, batch: TokenBatch | HiddenBatch) -> Embeddings:
+        """The training path, on cached backbone outputs (see text_words_from_cache)."""
+        return self.text_head(self.text_words_from_cache(batch))
 
     def attach_pooled_global(self, image: PooledTower, text: PooledTower) -> None:
         """Serve these towers' vectors as the global embeddings (see `encoder.train_pooled`)."""

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .backbones import HiddenBatch, TokenBatch, build_image_backbone, build_text_backbone
 from .config import ScoreConfig, TrainConfig
 from .data import load_pairs
-from .evaluate import evaluate_embeddings, exact_stage_one, markdown_table, rerank_candidates
+from .evaluate import evaluate_embeddings, exact_stage_one, markdown_table, stage_two_inputs
 from .features import cache_complete, cache_image_tokens, cache_name, cache_text_hidden, cache_text_tokens, load_cached
 from .heads import Embeddings
 from .loss import cmc_loss
@@ -137,6 +137,15 @@ def split_items(feats: Features, split: str, limit: int | None) -> tuple[torch.T
     return torch.tensor(imgs), caps, pos[feats.caption_image[caps]]
 
 
+def captions_by_image(imgs: torch.Tensor, caps: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A split's images that have captions, and each one's caption ids (from split_items)."""
+    caps_of: list[list[int]] = [[] for _ in range(len(imgs))]
+    for c, p in zip(caps.tolist(), pos.tolist()):
+        caps_of[p].append(c)
+    keep = [i for i, c in enumerate(caps_of) if c]
+    return imgs[keep], [torch.tensor(caps_of[i], dtype=torch.long) for i in keep]
+
+
 def image_clusters(feats: Features, imgs: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     """k-means cluster id of each image, on its L2-normalised mean-pooled backbone cells."""
     import faiss
@@ -203,11 +212,9 @@ def calibrate_score(images: Embeddings, captions: Embeddings, caption_image: tor
     N, M = images.global_.shape[0], captions.global_.shape[0]
     gt = torch.zeros(M, N, dtype=torch.bool)
     gt[torch.arange(M), caption_image] = True
-    stage_one = exact_stage_one(images, captions)
-    first = {"t2i": stage_one(captions.global_, "t2i", k), "i2t": stage_one(images.global_, "i2t", k)}
-    local = dict(zip(("t2i", "i2t"), rerank_candidates(images, captions, first["t2i"][1], first["i2t"][1], reduce)))
-    parts = {d: (s, cand, torch.gather(s, 1, cand), local[d], gt if d == "t2i" else gt.T)
-             for d, (s, cand) in first.items()}
+    parts = {d: (s, cand, torch.gather(s, 1, cand), loc, gt if d == "t2i" else gt.T)
+             for d, (s, cand, loc) in stage_two_inputs(images, captions, exact_stage_one(images, captions),
+                                                       k, reduce).items()}
     gs = torch.cat([p[2].reshape(-1) for p in parts.values()])
     ls = torch.cat([p[3].reshape(-1) for p in parts.values()])
     base = dict(global_mean=float(gs.mean()), global_std=float(gs.std()) or 1.0,
@@ -306,12 +313,7 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
     va_imgs, va_caps, va_pos = split_items(feats, cfg.val_split, cfg.max_val_images)
     if len(tr_imgs) < 2 or len(va_imgs) < 1:
         raise ValueError(f"need train and val images; got {len(tr_imgs)} train, {len(va_imgs)} val")
-    caps_of = [[] for _ in range(len(tr_imgs))]
-    for c, p in zip(tr_caps.tolist(), tr_pos.tolist()):
-        caps_of[p].append(c)
-    caps_of = [torch.tensor(c, dtype=torch.long) for c in caps_of]
-    keep = [i for i, c in enumerate(caps_of) if len(c)]
-    tr_imgs, caps_of = tr_imgs[keep], [caps_of[i] for i in keep]
+    tr_imgs, caps_of = captions_by_image(tr_imgs, tr_caps, tr_pos)
     bs = min(cfg.batch_size, len(tr_imgs))
 
     torch.manual_seed(cfg.seed)

@@ -16,35 +16,37 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .backbones import HiddenBatch
-from .heads import PooledTower, pool_tokens
-from .protocol import ranks_full, recall_table
+from .config import ScoreConfig
+from .heads import Embeddings, PooledTower, pool_tokens
+from .model import TGDTModel
 
 
 @torch.no_grad()
-def pooled_inputs(model, feats, idx: torch.Tensor, image: bool, batch: int = 256) -> torch.Tensor:
+def pooled_inputs(model: TGDTModel | None, feats, idx: torch.Tensor, image: bool, batch: int = 256) -> torch.Tensor:
     """Mean backbone token of each image / caption in `idx`, as the served model sees it: cached
-    grids or hidden states go through the model's trainable tops first."""
-    model.eval()
+    grids or hidden states go through the model's trainable tops first (model=None: the
+    cached frozen outputs as they are)."""
+    if model is not None:
+        model.eval()
     out = []
     for s in range(0, len(idx), batch):
         part = idx[s:s + batch]
-        if image:
-            tb = feats.images(part)
-            tb = model.image_top(tb) if model.image_top is not None else tb
-        else:
-            tb = feats.texts(part)
-            tb = model.text_top(tb) if isinstance(tb, HiddenBatch) else tb
+        tb = feats.images(part) if image else feats.texts(part)
+        if model is not None:
+            tb = model.image_cells_from_cache(tb) if image else model.text_words_from_cache(tb)
         out.append(pool_tokens(tb))
     return torch.cat(out)
 
 
 def global_rsum(images: torch.Tensor, captions: torch.Tensor, caption_image: torch.Tensor, table: bool = False):
-    """rsum of global-only retrieval (or, with table=True, the whole recall table)."""
-    gt = torch.zeros(len(captions), len(images), dtype=torch.bool)
-    gt[torch.arange(len(captions)), caption_image] = True
-    s = captions @ images.T
-    r = recall_table(ranks_full(s.T, gt.T.contiguous()), ranks_full(s, gt))
+    """rsum of global-only retrieval under the evaluation protocol (table=True: its whole row)."""
+    from .evaluate import evaluate_embeddings
+
+    def only_global(g: torch.Tensor) -> Embeddings:
+        return Embeddings(g, g.new_zeros(len(g), 0, g.shape[1]), torch.zeros(len(g), 0, dtype=torch.bool))
+
+    r = evaluate_embeddings(only_global(images), only_global(captions), caption_image, ScoreConfig(),
+                            modes=("global",))["global"]
     return r if table else r["rsum"]
 
 
