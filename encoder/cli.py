@@ -63,6 +63,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_route(args: argparse.Namespace) -> int:
+    from .fit_route import fit
+
+    t0 = time.time()
+    out = fit(args.checkpoint, args.data, args.ood or [], args.out, workers=args.workers)
+    print(f"checkpoint with the label route written to {out} in {time.time() - t0:.0f} s "
+          f"(choices and val tables: {out / 'fit_route.json'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="encoder", description="Train and evaluate the TGDT image-text encoder.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -88,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--workers", type=int, default=1, help="image decoding workers")
     e.set_defaults(func=_evaluate)
+    r = sub.add_parser("fit-route", help="add the ImageNet-label route and the adaptive fusion to a checkpoint "
+                                         "(fitted on val splits, no gradient training)")
+    r.add_argument("--checkpoint", help="route-less checkpoint folder (default: the committed default model)")
+    r.add_argument("--data", default="../shared/data/flickr8k", help="the training collection (train: banks; val: fit)")
+    r.add_argument("--ood", nargs="*", help="out-of-domain dev collections (their val split joins the fit)")
+    r.add_argument("--out", required=True, help="folder for the new checkpoint")
+    r.add_argument("--workers", type=int, default=1, help="image decoding workers")
+    r.set_defaults(func=_fit_route)
     return p
 
 

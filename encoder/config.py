@@ -111,6 +111,49 @@ class ScoreConfig(_Strict):
     local_mean: float = 0.0
     local_std: float = 1.0
     local_reduce: Literal["mean", "sum"] = "mean"
+    # the re-rank weight of a query that lies fully outside the training domain (its
+    # `Embeddings.domain` = 0); alpha applies at domain 1, linearly in between. None: alpha for all
+    alpha_out: float | None = None
+    # word units that never take part in MrSw or the grounding (see `encoder.words`): "none",
+    # or "function" = punctuation and function words (stop list + the tokenizer's punctuation)
+    word_mask: Literal["none", "function"] = "none"
+
+    def alpha_for(self, domain):
+        """Per-query re-rank weight from its in-domain-ness (tensor [Q] in [0, 1]) or alpha."""
+        if self.alpha_out is None or domain is None:
+            return self.alpha
+        return self.alpha_out + (self.alpha - self.alpha_out) * domain
+
+
+class LabelRouteConfig(_Strict):
+    """The open-vocabulary label route (ConSE) and how much it weighs, per item.
+
+    An image's label vector is the convex combination of the ImageNet class names' sentence
+    embeddings, weighted by the pretrained classifier's top-T softmax (temperature); a caption's
+    is its own sentence embedding. Both are centred on their training means and appended to the
+    global vector scaled by sqrt(w): the inner product of two items then adds
+    sqrt(w_a * w_b) * label cosine to their global score, so stage one stays one FAISS search and
+    one vector per item serves as query and as gallery entry. w moves from `weight_in` (near the
+    training data) to `weight_out` (far from it) with the item's in-domain-ness d: the mean of its
+    `bank_top` highest cosines to a bank of training items' label vectors, ramped to [0, 1]
+    between `*_lo` (d = 0) and `*_hi` (d = 1).
+    """
+
+    classes: int = 1000
+    sentence_dim: int = 384
+    top_t: int = 10
+    temperature: float = 1.0
+    prompt: str = "a photo of a {}"
+    lemmas: int = 1  # lemmas per class whose prompts are averaged
+    text_bank: int = 4096
+    image_bank: int = 2048
+    bank_top: int = 5
+    text_lo: float = 0.40
+    text_hi: float = 0.55
+    image_lo: float = 0.40
+    image_hi: float = 0.55
+    weight_in: float = 0.1
+    weight_out: float = 1.0
 
 
 class ModelConfig(_Strict):
@@ -125,6 +168,14 @@ class ModelConfig(_Strict):
     # mean of the backbone's tokens, trained after the TGDT branches (`encoder.train_pooled`);
     # the TGDT token embeddings still re-rank. 0: the token-guided global is served.
     pooled_global: int = Field(0, ge=0)
+    # the ImageNet-label route appended to the global vectors (None: no route); fitted after
+    # training by `encoder fit-route`
+    label_route: LabelRouteConfig | None = None
+
+    @property
+    def global_dim(self) -> int:
+        """Width of the served global vector: the joint space plus the label route's part."""
+        return self.embed_dim + (self.label_route.sentence_dim if self.label_route else 0)
 
     def without_pooled_global(self) -> "ModelConfig":
         """The config the TGDT branches train under (the pooled towers come afterwards)."""
@@ -174,6 +225,8 @@ class TrainConfig(_Strict):
     num_threads: int | None = None
     # the pooled global towers (model.pooled_global > 0): the baseline recipe of seeds.md
     pooled_epochs: int = Field(20, ge=1)
+    # start from a checkpoint's weights (a folder, or "default"): see `train.start_from`
+    init_from: str | None = None
     pooled_lr: float = Field(1e-3, gt=0)
 
     @classmethod

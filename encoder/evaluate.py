@@ -87,15 +87,17 @@ def evaluate_embeddings(images: Embeddings, captions: Embeddings, caption_image:
         ranks = {}
         for direction, gt in (("t2i", gt_t2i), ("i2t", gt_i2t)):
             s, cand, loc = parts[direction]
-            ranks[direction] = ranks_two_stage(s, cand, fuse(torch.gather(s, 1, cand), loc, score), gt)
+            dom = (captions if direction == "t2i" else images).domain
+            ranks[direction] = ranks_two_stage(s, cand, fuse(torch.gather(s, 1, cand), loc, score, dom), gt)
         r = recall_table(ranks["i2t"], ranks["t2i"])
         results["two_stage"] = {**r, "k": k, "seconds": round(time.perf_counter() - t0, 3)}
     if "exhaustive" in modes:
         t0 = time.perf_counter()
         s = global_scores(captions.global_, images.global_)
         loc = mrsw_chunked(captions.tokens, captions.mask, images.tokens, images.mask, score.local_reduce)
-        fused = fuse(s, loc, score)
-        r = recall_table(ranks_full(fused.T, gt_i2t), ranks_full(fused, gt_t2i))
+        t2i = fuse(s, loc, score, captions.domain)  # each query's own re-rank weight
+        i2t = fuse(s.T, loc.T, score, images.domain)
+        r = recall_table(ranks_full(i2t, gt_i2t), ranks_full(t2i, gt_t2i))
         results["exhaustive"] = {**r, "seconds": round(time.perf_counter() - t0, 3)}
     return results
 
@@ -120,7 +122,8 @@ def stack_embeddings(parts: list[Embeddings], max_tokens: int | None = None) -> 
         pad = T - p.tokens.shape[1]
         toks.append(torch.nn.functional.pad(p.tokens, (0, 0, 0, pad)))
         masks.append(torch.nn.functional.pad(p.mask, (0, pad)))
-    return Embeddings(torch.cat([p.global_ for p in parts]), torch.cat(toks), torch.cat(masks))
+    domain = None if any(p.domain is None for p in parts) else torch.cat([p.domain for p in parts])
+    return Embeddings(torch.cat([p.global_ for p in parts]), torch.cat(toks), torch.cat(masks), domain)
 
 
 @torch.inference_mode()

@@ -22,12 +22,17 @@ class Embeddings:
     global_: torch.Tensor  # [B, D], L2-normalised
     tokens: torch.Tensor  # [B, T, D], L2-normalised (padding rows zero; scaled by salience if enabled)
     mask: torch.Tensor  # [B, T] bool
+    # [B] in [0, 1]: how close each item lies to the training data (1 = in domain), set by the
+    # label route (`encoder.label_route`); None for models without one
+    domain: torch.Tensor | None = None
 
     def to(self, device) -> "Embeddings":
-        return Embeddings(self.global_.to(device), self.tokens.to(device), self.mask.to(device))
+        return Embeddings(self.global_.to(device), self.tokens.to(device), self.mask.to(device),
+                          None if self.domain is None else self.domain.to(device))
 
     def __getitem__(self, idx) -> "Embeddings":
-        return Embeddings(self.global_[idx], self.tokens[idx], self.mask[idx])
+        return Embeddings(self.global_[idx], self.tokens[idx], self.mask[idx],
+                          None if self.domain is None else self.domain[idx])
 
 
 def _layer(dim: int, cfg: HeadConfig) -> nn.TransformerEncoderLayer:

@@ -19,6 +19,7 @@ from torch import nn
 from .backbones import HiddenBatch, ImageTop, TextTop, TokenBatch, build_image_top, build_text_top
 from .config import ModelConfig
 from .heads import Embeddings, PooledTower, TGDTHead
+from .label_route import LabelRoute
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default_model"
 WEIGHTS = "model.safetensors"
@@ -51,10 +52,28 @@ class TGDTModel(nn.Module):
             if text_cfg.train_layers else None
         self.image_top: ImageTop | None = build_image_top(image_cfg, pretrained_tops) \
             if image_cfg.train_layers else None
+        self.label_route = LabelRoute(config.label_route) if config.label_route is not None else None
 
     def encode_image_tokens(self, tb: TokenBatch) -> Embeddings:
-        """Image head on the full backbone's cells (never runs image_top, as for text)."""
-        return self.image_head(tb)
+        """Image head on the full backbone's cells (never runs image_top, as for text), plus
+        the label route when the model has one (read from the backbone's `side` logits)."""
+        return self.with_route(self.image_head(tb), tb.side, "image")
+
+    def with_route(self, emb: Embeddings, side: torch.Tensor | None, kind: str) -> Embeddings:
+        """Append the label route's part to the global vectors (see `encoder.label_route`)."""
+        if self.label_route is None:
+            return emb
+        if side is None:
+            raise ValueError(f"this model has a label route: its {kind} backbone must give its side output")
+        return self.label_route.extend(emb, self.label_route.route(side, kind), kind)
+
+    def content_words(self, emb: Embeddings, content: torch.Tensor | None) -> Embeddings:
+        """Drop function words and punctuation from the caption's tokens when the model's
+        `score.word_mask` says so: they then take no part in MrSw nor in the grounding."""
+        if self.config.score.word_mask == "none" or content is None:
+            return emb
+        mask = emb.mask & content[:, :emb.mask.shape[1]].to(emb.mask.device)
+        return Embeddings(emb.global_, emb.tokens * mask.unsqueeze(-1).to(emb.tokens.dtype), mask, emb.domain)
 
     def image_cells_from_cache(self, tb: TokenBatch) -> TokenBatch:
         """The backbone's cells from cached ones: cached grids go through image_top first when
@@ -67,8 +86,9 @@ class TGDTModel(nn.Module):
 
     def encode_text_tokens(self, tb: TokenBatch) -> Embeddings:
         """Text head on the full backbone's word states (never runs text_top: when the model has
-        one, the backbone already holds its weights, see `Encoder`)."""
-        return self.text_head(tb)
+        one, the backbone already holds its weights, see `Encoder`), then the word mask and the
+        label route."""
+        return self.with_route(self.content_words(self.text_head(tb), tb.content), tb.side, "text")
 
     def text_words_from_cache(self, batch: TokenBatch | HiddenBatch) -> TokenBatch:
         """The backbone's word states from cached ones: word states (frozen backbone) as they
@@ -80,8 +100,15 @@ class TGDTModel(nn.Module):
         return batch
 
     def encode_text_cache(self, batch: TokenBatch | HiddenBatch) -> Embeddings:
-        """The training path, on cached backbone outputs (see text_words_from_cache)."""
-        return self.text_head(self.text_words_from_cache(batch))
+        """The training path, on cached backbone outputs (see text_words_from_cache), with the
+        word mask applied as at inference when the batch carries content flags."""
+        emb = self.text_head(self.text_words_from_cache(batch))
+        return self.content_words(emb, batch.content if isinstance(batch, TokenBatch) else None)
+
+    def attach_label_route(self, route: LabelRoute) -> None:
+        """Serve [global ; label route] from now on (see `encoder.fit_route`)."""
+        self.label_route = route
+        self.config = self.config.model_copy(update={"label_route": route.cfg})
 
     def attach_pooled_global(self, image: PooledTower, text: PooledTower) -> None:
         """Serve these towers' vectors as the global embeddings (see `encoder.train_pooled`)."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import HFText, TokenBatch
+from .backbones import HFText, TokenBatch, sentence_vector
 from .heads import Embeddings
 
 
@@ -43,7 +43,7 @@ class _TextGraph(nn.Module):
         tokens = torch.gather(h, 1, order.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         mask = word_mask.bool()
         emb = self.head(TokenBatch(tokens * mask.unsqueeze(-1).to(tokens.dtype), mask))
-        return emb.global_, emb.tokens
+        return emb.global_, emb.tokens, sentence_vector(h, attention_mask)
 
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
@@ -63,6 +63,7 @@ class OnnxTextEncoder:
         import onnxruntime as ort
 
         self.tokenizer, self.max_tokens = backbone.tokenizer, backbone.max_tokens
+        self.content = backbone.content.cpu().numpy()
         self.buckets = sorted({min(b, self.max_tokens) for b in (8, 16, self.max_tokens)})
         graph = _TextGraph(backbone, head).eval()
         so = ort.SessionOptions()
@@ -92,13 +93,17 @@ class OnnxTextEncoder:
                 "token_type_ids": enc.get("token_type_ids", np.zeros_like(enc["input_ids"])).astype(np.int64),
                 "order": order, "word_mask": word_mask}
 
-    def __call__(self, texts: list[str]) -> Embeddings:
+    def __call__(self, texts: list[str]) -> tuple[Embeddings, torch.Tensor, torch.Tensor]:
+        """The text head's embeddings, the sentence vectors (the label route's input) and the
+        content-word mask of the kept words, as `HFText.forward` gives them."""
         feeds = self._feeds(texts)
-        glob, tokens = self.sessions[feeds["order"].shape[1]].run(None, feeds)
+        glob, tokens, sentence = self.sessions[feeds["order"].shape[1]].run(None, feeds)
         T = int(feeds["word_mask"].sum(1).max())
         mask = feeds["word_mask"][:, :T].astype(bool)
-        return Embeddings(torch.from_numpy(glob), torch.from_numpy(np.ascontiguousarray(tokens[:, :T])),
-                          torch.from_numpy(mask))
+        content = self.content[np.take_along_axis(feeds["input_ids"], feeds["order"][:, :T], axis=1)] & mask
+        emb = Embeddings(torch.from_numpy(glob), torch.from_numpy(np.ascontiguousarray(tokens[:, :T])),
+                         torch.from_numpy(mask))
+        return emb, torch.from_numpy(sentence), torch.from_numpy(content)
 
 
 def _export(graph: nn.Module, feeds: dict[str, np.ndarray]) -> bytes:
@@ -110,9 +115,10 @@ def _export(graph: nn.Module, feeds: dict[str, np.ndarray]) -> bytes:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer notes on shape-dependent Python branches
             torch.onnx.export(graph, tuple(torch.from_numpy(v) for v in feeds.values()), buf,
-                              input_names=list(feeds), output_names=["global", "tokens"],
+                              input_names=list(feeds), output_names=["global", "tokens", "sentence"],
                               dynamic_axes={**axes, "order": {0: "batch"}, "word_mask": {0: "batch"},
-                                            "global": {0: "batch"}, "tokens": {0: "batch"}},
+                                            "global": {0: "batch"}, "tokens": {0: "batch"},
+                                            "sentence": {0: "batch"}},
                               opset_version=17, dynamo=False)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -30,6 +30,11 @@ class Encoder:
             if not isinstance(text_backbone, HFText):
                 raise ValueError("a checkpoint with fine-tuned text layers needs its transformers text backbone")
             text_backbone.load_top(model.text_top)
+        if model.label_route is not None:
+            if not isinstance(image_backbone, EfficientNetLite0):
+                raise ValueError("a checkpoint with a label route needs the efficientnet-lite0 backbone")
+            # before load_top: the route reads the pretrained classifier, not the fine-tuned blocks
+            image_backbone.enable_labels(model.config.image_backbone.train_layers)
         if model.image_top is not None:
             if not isinstance(image_backbone, EfficientNetLite0):
                 raise ValueError("a checkpoint with fine-tuned image blocks needs the efficientnet-lite0 backbone")
@@ -70,6 +75,12 @@ class Encoder:
 
     @property
     def dim(self) -> int:
+        """Width of the global vectors (FAISS)."""
+        return self.model.config.global_dim
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the token vectors (the token store)."""
         return self.model.config.embed_dim
 
     @property
@@ -92,7 +103,8 @@ class Encoder:
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> Embeddings:
         if self._onnx_text is not None:
-            return self._onnx_text(list(texts))
+            emb, side, content = self._onnx_text(list(texts))
+            return self.model.with_route(self.model.content_words(emb, content), side, "text")
         return self.model.encode_text_tokens(self.text_backbone(list(texts)))
 
     @torch.inference_mode()

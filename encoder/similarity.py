@@ -123,11 +123,19 @@ def word_alignment(words: torch.Tensor, word_mask: torch.Tensor, cells: torch.Te
     return index, score * word_mask[None, :].to(score.dtype)
 
 
-def fuse(global_s: torch.Tensor, local_s: torch.Tensor, cfg: ScoreConfig) -> torch.Tensor:
-    """Re-rank score: the two raw scores standardised with validation statistics, then mixed."""
+def fuse(global_s: torch.Tensor, local_s: torch.Tensor, cfg: ScoreConfig,
+         domain: torch.Tensor | None = None) -> torch.Tensor:
+    """Re-rank score: the two raw scores standardised with validation statistics, then mixed.
+
+    `domain` ([Q], one per row of the score matrices, or [1] for one query's [K] scores): the
+    queries' in-domain-ness, which sets each query's local weight (`ScoreConfig.alpha_for`).
+    """
     zg = (global_s - cfg.global_mean) / cfg.global_std
     zl = (local_s - cfg.local_mean) / cfg.local_std
-    return (1.0 - cfg.alpha) * zg + cfg.alpha * zl
+    a = cfg.alpha_for(domain)
+    if isinstance(a, torch.Tensor):
+        a = a.to(zg.dtype).reshape(-1, *([1] * (zg.dim() - 1))) if zg.dim() > 1 else a.to(zg.dtype).reshape(-1)
+    return (1.0 - a) * zg + a * zl
 
 
 def local_from_flat(sim: torch.Tensor, query_mask: torch.Tensor, lengths: torch.Tensor, query_is_text: bool,

@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .backbones import HiddenBatch, TokenBatch, build_image_backbone, build_text_backbone
+from transformers import AutoTokenizer
+
+from .backbones import HiddenBatch, TokenBatch, build_image_backbone, build_text_backbone, minilm_path
 from .config import ScoreConfig, TrainConfig
 from .data import load_pairs
 from .evaluate import evaluate_embeddings, exact_stage_one, markdown_table, stage_two_inputs
@@ -31,6 +33,7 @@ from .model import TGDTModel
 from .protocol import ranks_two_stage, recall_table
 from .similarity import fuse
 from .train_pooled import pooled_inputs, train_pooled_towers
+from .words import caption_content
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Features:
     text_attention: torch.Tensor | None = None  # [M, max_tokens + 2] bool
     text_words: torch.Tensor | None = None  # [M, max_tokens + 2] bool
     image_dim: int | None = None  # the backbone's cell width (what the head sees); None = image_tokens' width
+    text_content: torch.Tensor | None = None  # [M, max_tokens] bool: content words (model.score.word_mask)
 
     @property
     def image_out_dim(self) -> int:
@@ -78,7 +82,8 @@ class Features:
         T = int(lengths.max().clamp(min=1))
         x = self.text_tokens[idx, :T].float()
         mask = torch.arange(T)[None, :] < lengths[:, None]
-        return TokenBatch(x, mask)
+        content = None if self.text_content is None else self.text_content[idx, :T] & mask
+        return TokenBatch(x, mask, content=content)
 
 
 def prepare_features(cfg: TrainConfig) -> Features:
@@ -115,6 +120,10 @@ def _with_text(feats: Features, cfg: TrainConfig, captions: list[str], cache: Pa
         else:
             cache_text_tokens(captions, backbone, tpath)
     tx = load_cached(tpath)
+    if cfg.model.score.word_mask != "none" and tb_cfg.kind in ("minilm", "hf-text"):
+        tok = AutoTokenizer.from_pretrained(str(minilm_path() if tb_cfg.kind == "minilm" else tb_cfg.path),
+                                            local_files_only=True)
+        feats.text_content = caption_content(tok, captions, tb_cfg.max_tokens)
     if not n:
         feats.text_tokens = torch.from_numpy(tx["tokens"])
         feats.text_lengths = torch.from_numpy(tx["lengths"].astype(np.int64))
@@ -124,6 +133,18 @@ def _with_text(feats: Features, cfg: TrainConfig, captions: list[str], cache: Pa
     # as backbones._compact counts them: at least one slot, at most max_tokens
     feats.text_lengths = feats.text_words.sum(1).clamp(1, tb_cfg.max_tokens).long()
     return feats
+
+
+def start_from(model: TGDTModel, checkpoint: str) -> None:
+    """Start training from a checkpoint's weights (`init_from`: a folder, or "default"): every
+    tensor the two models share by name and shape; the pooled towers are trained afresh later,
+    since the image top they read from moves while training."""
+    src = TGDTModel.from_pretrained(None if checkpoint == "default" else checkpoint)
+    own = model.state_dict()
+    shared = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape}
+    if not shared:
+        raise ValueError(f"{checkpoint}: no weights in common with the model being trained")
+    model.load_state_dict(shared, strict=False)
 
 
 def split_items(feats: Features, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -319,6 +340,8 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
     torch.manual_seed(cfg.seed)
     model = TGDTModel(cfg.model.without_pooled_global(), image_dim=feats.image_out_dim, text_dim=feats.text_dim,
                       image_grid=feats.grid)
+    if cfg.init_from:
+        start_from(model, cfg.init_from)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
     clusters = image_clusters(feats, tr_imgs, cfg.hard_clusters, cfg.seed) if cfg.hard_block else None
     batches = lambda gen: epoch_batches(tr_imgs, caps_of, bs, gen, cfg.captions_per_epoch, clusters, cfg.hard_block)

@@ -93,9 +93,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def encode_texts_flat(encoder, texts: list[str], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(global [n, D], real tokens concatenated [sum(len), D], lengths [n]) for a list of texts."""
-    D = encoder.dim
+    D, Dt = encoder.dim, encoder.token_dim
     if not texts:
-        return np.zeros((0, D), np.float32), np.zeros((0, D), np.float32), np.zeros(0, np.int64)
+        return np.zeros((0, D), np.float32), np.zeros((0, Dt), np.float32), np.zeros(0, np.int64)
     gs, ts, ls = [], [], []
     for s in range(0, len(texts), batch):
         emb = encoder.encode_texts(texts[s:s + batch])
@@ -130,7 +130,7 @@ class _Builder:
             else:
                 out.ok.append((pos, sha))
                 pixels.append(px)
-        D = enc.dim
+        D, Dt = enc.dim, enc.token_dim
         if pixels:
             emb = enc.encode_pixels(torch.stack(pixels))
             mask = emb.mask.cpu()
@@ -139,7 +139,7 @@ class _Builder:
             out.img_len = mask.sum(1).numpy().astype(np.int64)
         else:
             out.img_global, out.img_tokens, out.img_len = (np.zeros((0, D), np.float32),
-                                                            np.zeros((0, D), np.float32), np.zeros(0, np.int64))
+                                                            np.zeros((0, Dt), np.float32), np.zeros(0, np.int64))
         for pos, _ in out.ok:
             for j, text in enumerate(self.entries[pos].captions):
                 out.cap_items.append((int(self.cap_first[pos]) + j, pos, text))
@@ -264,7 +264,7 @@ def encode_into(folder: Path, cfg: BuildConfig, source: Source, encoder,
     builder = _Builder(cfg, source, encoder, folder, **builder_kw)
     codec_dir = codec_dir or folder
     for kind in KINDS:
-        builder.codecs[kind] = TokenCodec.load(cfg.tokens, encoder.dim, codec_dir / CODEC[kind])
+        builder.codecs[kind] = TokenCodec.load(cfg.tokens, encoder.token_dim, codec_dir / CODEC[kind])
     prog = metadata.get_progress(con)
     start = int(prog.get("position", 0))
     for kind in KINDS:
@@ -329,9 +329,9 @@ def _calibration_queries(vectors: np.ndarray, n: int = 256, seed: int = 0) -> np
 def finalize(folder: Path, cfg: BuildConfig, encoder, source_root: Path, checkpoint_digest: str,
              stats: dict) -> Manifest:
     """Raw files -> HDF5 segment, FAISS galleries, report, manifest (all inside `folder`)."""
-    codec = TokenCodec.load(cfg.tokens, encoder.dim, folder / CODEC["image"])
+    codec = TokenCodec.load(cfg.tokens, encoder.token_dim, folder / CODEC["image"])
     raws = {k: RawKind.at(folder, k) for k in KINDS}
-    counts = write_segment(folder / SEGMENT0, raws, cfg.tokens, encoder.dim, codec.row_bytes)
+    counts = write_segment(folder / SEGMENT0, raws, cfg.tokens, encoder.token_dim, codec.row_bytes, encoder.dim)
     seg = Segment(folder / SEGMENT0)
     fparams = build_galleries(seg, encoder.dim, cfg.faiss, cfg.nprobe_recall, folder)
     del seg
@@ -348,7 +348,7 @@ def finalize(folder: Path, cfg: BuildConfig, encoder, source_root: Path, checkpo
     m = Manifest(
         created=now, checkpoint=str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None,
         checkpoint_digest=checkpoint_digest, model=encoder.model.config.model_dump(),
-        images_root=str(source_root.resolve()), dim=encoder.dim, image_tokens=grid[0] * grid[1], grid=grid,
+        images_root=str(source_root.resolve()), dim=encoder.dim, token_dim=encoder.token_dim, image_tokens=grid[0] * grid[1], grid=grid,
         token_form=cfg.tokens, token_row_bytes=codec.row_bytes, segments=[SEGMENT0], faiss=fparams,
         counts={"images": counts["image"], "captions": counts["caption"], "deleted_images": 0,
                 "deleted_captions": 0},

@@ -21,12 +21,12 @@ StageOne = Callable[[torch.Tensor, str, int], tuple[torch.Tensor, torch.Tensor]]
 def _embeddings(store: IndexStore, kind: str, ids: np.ndarray, max_tokens: int | None, chunk: int = 2048):
     from encoder.heads import Embeddings
 
-    D = store.manifest.dim
+    D = store.manifest.tokens_dim
     n = len(ids)
     S = max_tokens
     if S is None:
         S = store.manifest.image_tokens
-    glob = torch.zeros(n, D)
+    glob = torch.zeros(n, store.manifest.dim)
     tokens = torch.zeros(n, S, D)
     mask = torch.zeros(n, S, dtype=torch.bool)
     for s in range(0, n, chunk):

@@ -119,8 +119,8 @@ def add(index: str | Path, images: str, captions: str | None = None, split: str 
         raws = {k: RawKind.at(work, k) for k in KINDS}
         from .tokenstore import TokenCodec
 
-        row_bytes = TokenCodec.load(m.token_form, m.dim, staging / CODEC["image"]).row_bytes
-        counts = write_segment(staging / seg_name, raws, m.token_form, m.dim, row_bytes)
+        row_bytes = TokenCodec.load(m.token_form, m.tokens_dim, staging / CODEC["image"]).row_bytes
+        counts = write_segment(staging / seg_name, raws, m.token_form, m.tokens_dim, row_bytes, m.dim)
         changed = [seg_name]
         seg = Segment(staging / seg_name)
         for kind in KINDS:
@@ -228,7 +228,7 @@ def compact(index: str | Path, chunk: int = 4096) -> Manifest:
         src.close()
         del segs
         seg_name = "tokens-000.h5"
-        write_segment(staging / seg_name, raws, m.token_form, m.dim, m.token_row_bytes)
+        write_segment(staging / seg_name, raws, m.token_form, m.tokens_dim, m.token_row_bytes, m.dim)
         for r in raws.values():
             r.remove()
         seg = Segment(staging / seg_name)

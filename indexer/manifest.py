@@ -35,7 +35,8 @@ class Manifest(BaseModel):
     checkpoint_digest: str
     model: dict  # the ModelConfig JSON, for reference
     images_root: str
-    dim: int
+    dim: int  # global vectors (FAISS)
+    token_dim: int | None = None  # token vectors; None (indexes before the label route): = dim
     image_tokens: int  # tokens per image (grid cells)
     grid: list[int]
     token_form: str
@@ -45,6 +46,10 @@ class Manifest(BaseModel):
     counts: dict[str, int]  # images, captions, deleted_images, deleted_captions
     files: dict[str, dict]  # name -> {"bytes", "sha256"}
     build: dict = {}
+
+    @property
+    def tokens_dim(self) -> int:
+        return self.token_dim or self.dim
 
 
 def sha256_file(path: Path, block: int = 8 << 20) -> str:

@@ -159,7 +159,8 @@ class _Shard:
         self.positions = sorted([*self.ok, *self.bad])
 
 
-def merge_batches(shard_paths: list[Path], entries, dim: int, batch_size: int) -> Iterator[_Encoded]:
+def merge_batches(shard_paths: list[Path], entries, dim: int, batch_size: int,
+                  token_dim: int | None = None) -> Iterator[_Encoded]:
     """Yield `_Encoded` batches in input order, rebuilt from shards (streaming: a shard is kept in
     memory only until every position it holds has been emitted)."""
     index: list[tuple[int, int]] = []  # (position, shard number)
@@ -199,7 +200,7 @@ def merge_batches(shard_paths: list[Path], entries, dim: int, batch_size: int) -
                 del loaded[s]
         z2 = np.zeros((0, dim), np.float32)
         out.img_global = np.stack(g).astype(np.float32) if g else z2
-        out.img_tokens = np.concatenate(t).astype(np.float32) if t else z2
+        out.img_tokens = np.concatenate(t).astype(np.float32) if t else np.zeros((0, token_dim or dim), np.float32)
         out.img_len = np.array(ln, np.int64)
         out.cap_items = cap_items
         out.cap_global = np.stack(cg).astype(np.float32) if cg else z2
@@ -281,14 +282,14 @@ def ray_build(cfg: BuildConfig, rc: RayConfig | None = None, encoder=None) -> An
     con = metadata.connect(part / META)
     builder = _Builder(cfg, source, encoder, part)
     for kind in KINDS:
-        builder.codecs[kind] = TokenCodec.load(cfg.tokens, encoder.dim, part / CODEC[kind])
+        builder.codecs[kind] = TokenCodec.load(cfg.tokens, encoder.token_dim, part / CODEC[kind])
     for m in source.missing:
         metadata.report(con, m["path"], "missing", m["reason"])
     con.commit()
     seen: dict[str, tuple[int, str]] = {}
     shard_paths = sorted((part / SHARDS).glob("shard-*.npz"))
     # same codec-training sample as encode_into (the first batches up to codec_train_tokens), then stream
-    for b in codec_ready(builder, merge_batches(shard_paths, source.entries, encoder.dim, cfg.batch_size), cfg, part):
+    for b in codec_ready(builder, merge_batches(shard_paths, source.entries, encoder.dim, cfg.batch_size, encoder.token_dim), cfg, part):
         builder.write(con, b, seen)
     con.close()
     if not rc.keep_shards:

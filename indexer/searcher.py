@@ -109,7 +109,7 @@ class IndexStore:
         self.metadata_fields: set[str] = metadata.field_names(con)
         self.tables = {k: _KindTable(con, k) for k in KINDS}
         self.segments = [Segment(self.index_dir / s) for s in m.segments]
-        self.codecs = {k: TokenCodec.load(m.token_form, m.dim, self.index_dir / CODEC[k]) for k in KINDS}
+        self.codecs = {k: TokenCodec.load(m.token_form, m.tokens_dim, self.index_dir / CODEC[k]) for k in KINDS}
         self.faiss = {k: faiss_index.load(self.index_dir / FAISS[k], mmap=True) for k in KINDS}
         self.faiss_gpu = {k: faiss_index.to_gpu(v) for k, v in self.faiss.items()}
         self.grid = tuple(m.grid)
@@ -131,8 +131,8 @@ class IndexStore:
         """Exact global vectors and decoded token blocks of `ids` (in that order)."""
         ids = np.asarray(ids, dtype=np.int64)
         seg_of, pos = self.tables[kind].locate(ids)
-        D = self.manifest.dim
-        glob = np.zeros((len(ids), D), np.float32)
+        D = self.manifest.tokens_dim
+        glob = np.zeros((len(ids), self.manifest.dim), np.float32)
         lengths = np.zeros(len(ids), np.int64)
         blocks: list[tuple[np.ndarray, np.ndarray]] = []
         for s in np.unique(seg_of):
@@ -254,7 +254,7 @@ class Searcher(IndexStore):
 
             qt, qm = query.tokens.reshape(-1, query.tokens.shape[-1]).float().cpu(), query.mask.reshape(-1).cpu()
             local = self.local_scores(kind, cand, qt, qm, query_is_text=(query_kind == "text"))
-            final = fuse(gscore, local, self.score)
+            final = fuse(gscore, local, self.score, query.domain)
         else:
             final = gscore
         order = torch.argsort(final, descending=True, stable=True)[:k].numpy()
@@ -313,6 +313,7 @@ class Searcher(IndexStore):
     def _explain(self, hits, query, query_kind, kind, words) -> None:
         """Per hit, every caption word's best image cell (row/col in the grid) and its score."""
         from encoder.similarity import word_alignment
+        from encoder.words import is_content
 
         gw = self.grid[1]
         qt = query.tokens.reshape(-1, query.tokens.shape[-1]).float().cpu()
@@ -326,12 +327,16 @@ class Searcher(IndexStore):
             elif query_kind == "image" and kind == "caption":
                 idx, sc = word_alignment(ct, cm, qt[None], qm[None])
                 w = text_words(self.encoder, h.caption or "")
+                if self.score.word_mask != "none":  # the stored caption tokens are content words only
+                    w = [x for x in w if is_content(x)]
             else:
                 continue
-            n = int((idx[0] >= 0).sum())
-            w = (list(w) + [""] * n)[:n]
-            h.alignment = [{"word": w[t], "cell": int(idx[0, t]), "row": int(idx[0, t]) // gw,
-                            "col": int(idx[0, t]) % gw, "score": round(float(sc[0, t]), 4)} for t in range(n)]
+            # positions the word mask dropped (function words, punctuation) have no cell
+            kept = [t for t in range(idx.shape[1]) if int(idx[0, t]) >= 0]
+            w = list(w) + [""] * idx.shape[1]
+            h.alignment = [{"word": w[t], "content": is_content(w[t]), "cell": int(idx[0, t]),
+                            "row": int(idx[0, t]) // gw, "col": int(idx[0, t]) % gw,
+                            "score": round(float(sc[0, t]), 4)} for t in kept]
 
     # ------------------------------------------------------------------ items
     def item(self, id: int) -> dict | None:
@@ -354,7 +359,7 @@ class Searcher(IndexStore):
             if len(ids) == 0:
                 return 0.0
             rng = np.random.default_rng(0)
-            qt = torch.nn.functional.normalize(torch.randn(12, self.manifest.dim), dim=-1)
+            qt = torch.nn.functional.normalize(torch.randn(12, self.manifest.tokens_dim), dim=-1)
             qm = torch.ones(12, dtype=torch.bool)
             times = []
             for _ in range(repeats):

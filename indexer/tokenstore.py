@@ -221,9 +221,12 @@ def _copy_rows(dst: h5py.Dataset, src: Path, n: int, width: int, dtype, step_byt
             dst[s:s + k] = np.fromfile(fh, dtype=dtype, count=k * width).reshape(k, width)
 
 
-def write_segment(path: Path, raws: dict[str, RawKind], form: str, dim: int, row_bytes: int) -> dict[str, int]:
-    """Turn the raw build files into one HDF5 segment with contiguous datasets; returns counts."""
+def write_segment(path: Path, raws: dict[str, RawKind], form: str, dim: int, row_bytes: int,
+                  global_dim: int | None = None) -> dict[str, int]:
+    """Turn the raw build files into one HDF5 segment with contiguous datasets; returns counts.
+    `dim`: the token vectors'; `global_dim`: the global vectors' (default: the same)."""
     counts = {}
+    gdim = global_dim or dim
     with h5py.File(path, "w", libver="latest") as f:
         f.attrs.update({"form": form, "dim": dim, "row_bytes": row_bytes, "layout": "contiguous-uint8-rows"})
         for kind in KINDS:
@@ -235,8 +238,8 @@ def write_segment(path: Path, raws: dict[str, RawKind], form: str, dim: int, row
             # contiguous (no chunks, no filters): what makes the memmap gather possible
             rows = g.create_dataset("rows", shape=(n_rows, row_bytes), dtype=np.uint8)
             _copy_rows(rows, raw.rows, n_rows, row_bytes, np.uint8)
-            glob = g.create_dataset("global", shape=(n_items, dim), dtype=np.float32)
-            _copy_rows(glob, raw.glob, n_items, dim, np.float32)
+            glob = g.create_dataset("global", shape=(n_items, gdim), dtype=np.float32)
+            _copy_rows(glob, raw.glob, n_items, gdim, np.float32)
             triples = (np.fromfile(raw.meta, dtype=np.int64).reshape(-1, 3) if n_items
                        else np.zeros((0, 3), np.int64))
             g.create_dataset("ids", data=triples[:, 0])

@@ -77,7 +77,9 @@ class CoalescingEncoder:
         self.batches += 1
         self.texts += len(batch)
         for i, s in enumerate(batch):
-            n = max(1, int(emb.mask[i].sum()))  # text masks are a prefix: trim the batch's padding
+            real = emb.mask[i].nonzero()  # trim the batch's padding (after the last kept word:
+            n = int(real.max()) + 1 if len(real) else 1  # the word mask can drop words inside)
             s.value = type(emb)(emb.global_[i: i + 1], emb.tokens[i: i + 1, :n].contiguous(),
-                                emb.mask[i: i + 1, :n].contiguous())
+                                emb.mask[i: i + 1, :n].contiguous(),
+                                None if emb.domain is None else emb.domain[i: i + 1])
 
