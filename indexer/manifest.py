@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -78,15 +79,35 @@ def read_manifest(folder: Path) -> Manifest:
     return m
 
 
-def verify_files(folder: Path, m: Manifest) -> list[str]:
-    """Problems found comparing the files to the manifest's sizes and checksums."""
+def segment_names(m: Manifest) -> list[str]:
+    """The token segments among the checksummed files: the bulk of an index (13 GB at 1M images),
+    which the service hashes in the background after a first load instead of before it."""
+    return [n for n in m.segments if n in m.files]
+
+
+def verify_files(folder: Path, m: Manifest, names: list[str] | None = None, hash: bool = True,
+                 stop: Callable[[], bool] | None = None, on_bytes: Callable[[int], None] | None = None) -> list[str]:
+    """Problems found comparing the files to the manifest's sizes and checksums (`hash=False`:
+    presence and size only, instant).
+
+    `names` limits the check to those files (default: every file the manifest lists); the
+    problems name files relative to the index, never by their server path. `stop` is asked
+    between files (a background check of an index being swapped out gives up); `on_bytes`
+    hears the size of each file hashed (progress)."""
     problems = []
-    for name, want in m.files.items():
+    for name in sorted(m.files if names is None else names):
+        if stop is not None and stop():
+            break
+        want = m.files.get(name)
         p = Path(folder) / name
-        if not p.is_file():
+        if want is None:
+            problems.append(f"{name}: not in the manifest")
+        elif not p.is_file():
             problems.append(f"{name}: missing")
         elif p.stat().st_size != want["bytes"]:
             problems.append(f"{name}: size {p.stat().st_size} != {want['bytes']}")
-        elif sha256_file(p) != want["sha256"]:
+        elif hash and sha256_file(p) != want["sha256"]:
             problems.append(f"{name}: checksum mismatch")
+        if on_bytes is not None and want is not None:
+            on_bytes(int(want["bytes"]))
     return problems
