@@ -3,8 +3,8 @@
 The manifest records a sha256 per file; an index whose bytes changed since it was built (a disk
 error, a partial copy, a hand edit) would otherwise serve wrong answers while reporting healthy.
 
-How it stays fast at 1M images (a ~13 GB token store): hashing runs at ~1.5 GB/s on one core
-here (SHA-NI; BENCHMARKS.md, `bench/bench_verify.py`). So
+How it stays fast at 1M images (a ~13 GB token store): sha256 runs at ~0.8 GB/s on one core of
+the 2-core dev box under load (SHA-NI; BENCHMARKS.md, `bench/bench_verify.py`), ~16 s for 13 GB. So
   * before an index is opened, every file but the token segments is hashed (the FAISS files,
     the SQLite metadata, the codecs: MBs to ~1 GB) and the load fails if one does not match;
   * on a first load (`SERVICE_VERIFY=background`, the default) the token segments are hashed on
