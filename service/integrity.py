@@ -83,8 +83,8 @@ class Verification:
 
             problems = verify_files(self.folder, self.manifest, self.pending, stop=self._stop.is_set,
                                     on_bytes=progress)
-            if self._stop.is_set() and not problems:
-                return  # swapped out before the end: nothing to say about it
+            if self._stop.is_set():
+                return  # swapped out before the end: no longer served, nothing to report
             self.seconds += time.perf_counter() - t0
             self.problems = problems
             self.state = FAILED if problems else OK

@@ -133,6 +133,11 @@ def test_good_index_verified_in_two_steps(good):
     v.start("test")
     assert v.wait(60) and v.state == OK and v.checked_bytes == v.total_bytes and not v.problems
     assert Verification.before_load(good, swap=True).state == OK  # a swap hashes all of it first
+    swapped_out = Verification.before_load(good)
+    swapped_out.stop()  # its index was swapped out: the background check gives up at the next block
+    swapped_out.start("test")
+    swapped_out._thread.join(60)
+    assert swapped_out.state == PENDING and swapped_out.checked_bytes < swapped_out.total_bytes
     assert Verification.before_load(good, "off").state == "off"
     with TestClient(create_app(ServiceSettings(index_dir=good, background_load=False))) as c:
         assert c.app.state.engine.handle.verification.wait(60)
