@@ -1,4 +1,4 @@
-"""`indexer build|add|remove|compact|info|search`: argument parsing over the indexer modules.
+"""`indexer build|add|remove|compact|info|verify|search`: argument parsing over the indexer modules.
 
 User mistakes (missing folders, existing output, bad options, unreadable checkpoints) end with
 exit code 2 and one line on stderr; an interrupted build exits 130 and resumes on re-run.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 EXIT_USER = 2
@@ -90,8 +91,29 @@ def _cmd_info(args) -> int:
             print(f"  faiss {k}: {f['factory']} nprobe={f['nprobe']} efSearch={f['ef_search']}")
         print(f"  {info['bytes'] / 1e6:.1f} MB in {len(info['files'])} files; health: "
               f"{'ok' if info['health']['ok'] else '; '.join(info['health']['problems'])} "
-              f"({info['health']['checked']})")
+              f"({info['health']['checked']}{'' if args.verify else '; --verify or `indexer verify` hashes them'})")
     return 0 if info["health"]["ok"] else 1
+
+
+def _cmd_verify(args) -> int:
+    """Every file against the manifest's sha256: exit 0 when all match, 1 naming the ones that do not."""
+    from .manifest import read_manifest, verify_files
+
+    m = read_manifest(args.index)
+    t0 = time.perf_counter()
+    problems = verify_files(Path(args.index), m)
+    seconds = time.perf_counter() - t0
+    total = sum(int(f["bytes"]) for f in m.files.values())
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems, "files": len(m.files), "bytes": total,
+                          "seconds": round(seconds, 3)}))
+    else:
+        for p in problems:
+            print(f"indexer: {args.index}: {p}", file=sys.stderr)
+        print(f"{args.index}: {'ok' if not problems else f'FAILED ({len(problems)} of {len(m.files)} files)'}: "
+              f"{len(m.files)} files, {total / 1e6:.1f} MB hashed in {seconds:.2f}s "
+              f"({total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
+    return 0 if not problems else 1
 
 
 def _cmd_search(args) -> int:
@@ -196,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--verify", action="store_true", help="re-hash every file against the manifest")
     i.set_defaults(func=_cmd_info)
+
+    v = sub.add_parser("verify", help="re-hash every file against the manifest's sha256 (exit 1 naming failures)")
+    v.add_argument("index")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_cmd_verify)
 
     s = sub.add_parser("search", help="query an index from the command line")
     s.add_argument("index")

@@ -15,16 +15,7 @@ def index_info(folder: str | Path, manifest: Manifest | None = None, verify: boo
     """A JSON-ready description; `verify` re-hashes every file (slow on big indexes)."""
     folder = Path(folder)
     m = manifest or read_manifest(folder)
-    if verify:
-        problems = verify_files(folder, m)
-    else:
-        problems = []
-        for name, want in m.files.items():
-            p = folder / name
-            if not p.is_file():
-                problems.append(f"{name}: missing")
-            elif p.stat().st_size != want["bytes"]:
-                problems.append(f"{name}: size {p.stat().st_size} != {want['bytes']}")
+    problems = verify_files(folder, m, hash=verify)
     faiss = {k: {**v.model_dump(), **({"ntotal": faiss_ntotal[k]} if faiss_ntotal else {})}
              for k, v in m.faiss.items()}
     return {

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -52,11 +53,18 @@ class Manifest(BaseModel):
         return self.token_dim or self.dim
 
 
-def sha256_file(path: Path, block: int = 8 << 20) -> str:
+def sha256_file(path: Path, block: int = 8 << 20, stop: Callable[[], bool] | None = None,
+                on_bytes: Callable[[int], None] | None = None) -> str | None:
+    """The file's sha256 (hex); None when `stop()` turned true on the way (asked every block, so a
+    background check of a 13 GB segment gives up within milliseconds); `on_bytes` hears every block."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
+            if stop is not None and stop():
+                return None
             h.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     return h.hexdigest()
 
 
@@ -83,15 +91,35 @@ def read_manifest(folder: Path) -> Manifest:
     return m
 
 
-def verify_files(folder: Path, m: Manifest) -> list[str]:
-    """Problems found comparing the files to the manifest's sizes and checksums."""
+def segment_names(m: Manifest) -> list[str]:
+    """The token segments among the checksummed files: the bulk of an index (13 GB at 1M images),
+    which the service hashes in the background after a first load instead of before it."""
+    return [n for n in m.segments if n in m.files]
+
+
+def verify_files(folder: Path, m: Manifest, names: list[str] | None = None, hash: bool = True,
+                 stop: Callable[[], bool] | None = None, on_bytes: Callable[[int], None] | None = None) -> list[str]:
+    """Problems found comparing the files to the manifest's sizes and checksums (`hash=False`:
+    presence and size only, instant).
+
+    `names` limits the check to those files (default: every file the manifest lists); the
+    problems name files relative to the index, never by their server path. `stop` is asked
+    as it reads (a background check of an index being swapped out gives up; the problems found so
+    far are returned); `on_bytes` hears the bytes hashed (progress)."""
     problems = []
-    for name, want in m.files.items():
+    for name in sorted(m.files if names is None else names):
+        want = m.files.get(name)
         p = Path(folder) / name
-        if not p.is_file():
+        if want is None:
+            problems.append(f"{name}: not in the manifest")
+        elif not p.is_file():
             problems.append(f"{name}: missing")
         elif p.stat().st_size != want["bytes"]:
             problems.append(f"{name}: size {p.stat().st_size} != {want['bytes']}")
-        elif sha256_file(p) != want["sha256"]:
-            problems.append(f"{name}: checksum mismatch")
+        elif hash:
+            digest = sha256_file(p, stop=stop, on_bytes=on_bytes)
+            if digest is None:
+                break
+            if digest != want["sha256"]:
+                problems.append(f"{name}: checksum mismatch")
     return problems

@@ -23,14 +23,16 @@ from fastapi import Depends, FastAPI, Path as PathParam, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from fastapi.security import APIKeyHeader, APIKeyQuery
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from encoder.transforms import ImageError, load_image
 
+from .accesslog import redact_access_log
 from .engine import Engine, IndexHandle, IndexLoadError, Loader, NotReady
 from .errors import ClientError, error_response, install_error_handlers
+from .integrity import Verification
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
 from .models import (
@@ -59,22 +61,36 @@ _ERR = {"model": ErrorBody}
 SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {400: _ERR, 401: _ERR, 413: _ERR, 415: _ERR, 422: _ERR, 503: _ERR}
 READ_ERRORS: dict[int | str, dict[str, Any]] = {401: _ERR, 404: _ERR, 422: _ERR, 503: _ERR}
 
+# The key travels in a header only: a URL (query string) ends up in access logs, proxies and browser history.
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
-_api_key_query = APIKeyQuery(name="api_key", auto_error=False)
+_bearer = HTTPBearer(auto_error=False)
+# What /readyz tells a caller without the key (when one is set): the index summary minus server paths.
+PUBLIC_INFO = ("format_version", "created", "updated", "images", "captions", "deleted_images", "deleted_captions",
+               "dim", "grid", "image_tokens", "token_form", "token_bytes_per_image", "faiss", "bytes")
+PUBLIC_MODEL = ("checkpoint_digest", "image_backbone", "text_backbone", "embed_dim")
 
 
 def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None, loader: Loader | None = None,
-               peers: Any = None) -> FastAPI:
-    """Build the app. `searcher` serves an already loaded Searcher; otherwise the index in
-    `settings.index_dir` is loaded at startup (in the background unless `background_load` is off).
-    `peers` (`service.workers.Peers`) links a worker process to its siblings under `--workers N`."""
+               peers: Any = None, verification: Verification | None = None) -> FastAPI:
+    """Build the app. `searcher` serves an already loaded Searcher (`verification`: what was
+    checked of its files before it was opened, the rest is hashed in the background); otherwise
+    the index in `settings.index_dir` is loaded at startup (in the background unless
+    `background_load` is off). `peers` (`service.workers.Peers`) links a worker process to its
+    siblings under `--workers N`.
+
+    With an `api_key` set (and `public_ops` off), only the web page, /healthz and a minimal
+    /readyz (ready or not, verified or not) answer without it; /metrics, /openapi.json and the
+    details of /readyz need it, and /docs and /redoc are off (a browser cannot send the header)."""
     settings = settings or ServiceSettings()
+    redact_access_log()
     metrics = Metrics()
     engine = Engine(settings, loader=loader, metrics=metrics)
     if searcher is not None:
         from .engine import initial_cost
 
-        engine.install(searcher, settings.index_dir or Path("<memory>"), initial_cost=initial_cost(searcher))
+        engine.install(searcher, settings.index_dir or Path("<memory>"), initial_cost=initial_cost(searcher),
+                       verification=verification)
+    protected = settings.api_key is not None and not settings.public_ops
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,6 +105,7 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
                 await engine.load(first)
                 if seq is not None:
                     peers.applied = seq
+        redact_access_log()  # again, in case the server's logging setup ran after create_app
         handlers = _install_signals(engine, peers)
         try:
             yield
@@ -99,7 +116,8 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
                 task.cancel()
             engine.close()
 
-    app = FastAPI(title="TGDT image-text retrieval", version="0.1.0", lifespan=lifespan,
+    closed = {"docs_url": None, "redoc_url": None, "openapi_url": None} if protected else {}
+    app = FastAPI(title="TGDT image-text retrieval", version="0.1.0", lifespan=lifespan, **closed,
                   description="Two-stage (global FAISS + token re-rank) image-text search with word grounding.")
     app.state.engine = engine
     app.state.settings = settings
@@ -112,9 +130,20 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     async def require_key(header: str | None = Security(_api_key_header),
-                          query: str | None = Security(_api_key_query)) -> None:
+                          bearer: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
         # async: a plain `def` dependency costs every request a hop through the thread pool
-        _check_key(settings.api_key, header, query)
+        _check_key(settings.api_key, _presented(header, bearer))
+
+    async def require_key_for_ops(header: str | None = Security(_api_key_header),
+                                  bearer: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
+        if protected:
+            _check_key(settings.api_key, _presented(header, bearer))
+
+    def may_see_details(request: Request) -> bool:
+        if not protected:
+            return True
+        given = _presented(request.headers.get("x-api-key"), _bearer_of(request.headers.get("authorization")))
+        return any(_key_matches(k, given) for k in (settings.api_key, settings.admin_key) if k is not None)
 
     # --- search --------------------------------------------------------------------------------
     @app.post("/search/text", response_model=SearchResponse, responses=SEARCH_ERRORS, tags=["search"],
@@ -183,20 +212,31 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
         return HealthResponse(status="ok")
 
     @app.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}}, tags=["ops"],
-             summary="Index and model loaded")
-    async def readyz() -> Any:
+             response_model_exclude_none=True,
+             summary="Index loaded and not failing verification; with the key (when one is set): which index")
+    async def readyz(request: Request) -> Any:
+        detailed = may_see_details(request)
         try:
-            h = engine.handle
+            engine.handle
+            ok, message = True, "ready"
         except NotReady as e:
-            return JSONResponse({"ready": False, "message": str(e), "status": 503}, status_code=503,
-                                headers={"Retry-After": "1"})
-        info = getattr(h.searcher, "info", None)
-        summary = {k: v for k, v in info.items() if k not in ("files", "segments")} if isinstance(info, dict) else None
-        return ReadyResponse(ready=True, message="ready", index=_ref(h), info=_jsonable(summary))
+            ok, message = False, str(e) if detailed else _public_reason(engine)
+        h = engine.served
+        body = ReadyResponse(ready=ok, message=message, verified=h.verification.state if h is not None else None)
+        if detailed and h is not None:
+            body.index, body.info = _ref(h), _public_info(getattr(h.searcher, "info", None))
+            body.verification = h.verification.summary()
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503,
+                            headers=None if ok else {"Retry-After": "1"})
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics",
-             responses={200: {"content": {"text/plain": {}}}}, response_class=Response)
-    async def metrics_endpoint() -> Response:
+    if protected:
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi_with_key(_: None = Depends(require_key)) -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (needs the key when one is set)",
+             responses={200: {"content": {"text/plain": {}}}, 401: _ERR}, response_class=Response)
+    async def metrics_endpoint(_: None = Depends(require_key_for_ops)) -> Response:
         if engine.auto.per_candidate_s is not None:
             metrics.auto_cost.set(engine.auto.per_candidate_s)
         return Response(metrics.render(), media_type=metrics.content_type)
@@ -207,7 +247,7 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
                   summary="Hot-swap the index (atomically; in-flight requests finish on the old one)")
         async def admin_reload(request: Request, body: ReloadRequest | None = None,
                                header: str | None = Security(_api_key_header),
-                               query: str | None = Security(_api_key_query)) -> ReloadResponse:
+                               bearer: HTTPAuthorizationCredentials | None = Security(_bearer)) -> ReloadResponse:
             key = settings.effective_admin_key
             if key is None:
                 host = request.client.host if request.client else ""
@@ -215,7 +255,7 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
                     raise ClientError(403, "admin calls without a configured admin key are allowed from "
                                            "loopback only")
             else:
-                _check_key(key, header, query)
+                _check_key(key, _presented(header, bearer))
             target = body.index_dir if body and body.index_dir else None
             t0 = time.perf_counter()
             try:
@@ -284,13 +324,48 @@ async def _not_ready(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, str(exc), headers={"Retry-After": "1"})
 
 
-def _check_key(expected: Any, header: str | None, query: str | None) -> None:
+def _presented(header: str | None, bearer: HTTPAuthorizationCredentials | str | None) -> str | None:
+    """The key a request presents: the X-API-Key header, else an `Authorization: Bearer` token."""
+    if isinstance(bearer, HTTPAuthorizationCredentials):
+        bearer = bearer.credentials
+    return header or bearer or None
+
+
+def _bearer_of(authorization: str | None) -> str | None:
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _key_matches(expected: Any, given: str | None) -> bool:
+    return bool(given) and secrets.compare_digest(given.encode(), expected.get_secret_value().encode())
+
+
+def _check_key(expected: Any, given: str | None) -> None:
     if expected is None:
         return
-    given = header or query
-    if not given or not secrets.compare_digest(given.encode(), expected.get_secret_value().encode()):
-        raise ClientError(401, "missing or wrong API key (send the X-API-Key header)",
-                          headers={"WWW-Authenticate": "X-API-Key"})
+    if not _key_matches(expected, given):
+        raise ClientError(401, "missing or wrong API key (send it in the X-API-Key header or as "
+                               "Authorization: Bearer; never in the URL)", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _public_reason(engine: Engine) -> str:
+    """Why not ready, for a caller without the key: no paths, no load errors."""
+    if engine.loading and engine.served is None:
+        return "the index is still loading"
+    if engine.served is not None:
+        return "the index failed verification"
+    return "no index loaded"
+
+
+def _public_info(info: Any) -> dict | None:
+    """The index summary /readyz shows: counts, sizes, model and FAISS form; never server paths
+    (the index's path, its images root, the captions file, the checkpoint folder)."""
+    if not isinstance(info, dict):
+        return None
+    out = {k: info[k] for k in PUBLIC_INFO if k in info}
+    if isinstance(info.get("model"), dict):
+        out["model"] = {k: info["model"][k] for k in PUBLIC_MODEL if k in info["model"]}
+    return _jsonable(out)
 
 
 def _resolve(opts: SearchOptions, handle: IndexHandle, engine: Engine, settings: ServiceSettings

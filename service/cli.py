@@ -56,6 +56,7 @@ def serve(settings, index_dir: Path | None = None) -> int:
 
     from .app import create_app
     from .engine import default_loader
+    from .integrity import Verification
 
     settings = settings.model_copy(update={"index_dir": Path(target)})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -68,12 +69,13 @@ def serve(settings, index_dir: Path | None = None) -> int:
         print(f"service: serving {target} on http://{settings.host}:{settings.port}/ with {settings.workers} "
               "worker processes", file=sys.stderr)
         return serve_workers(settings, Path(target))
-    try:
+    try:  # checksums first (all but the token segments, which are hashed once it serves): see service.integrity
+        verification = Verification.before_load(Path(target).resolve(), settings.verify)
         searcher = default_loader(settings)(Path(target).resolve())
     except Exception as e:  # a bad index/checkpoint is the user's to fix: one line, no traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return _fail(EXIT_LOAD, f"cannot load index {target}: {msg}")
-    app = create_app(settings, searcher=searcher)
+    app = create_app(settings, searcher=searcher, verification=verification)
     print(f"service: serving {target} on http://{settings.host}:{settings.port}/", file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 timeout_keep_alive=int(settings.keep_alive_s))

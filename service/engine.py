@@ -4,7 +4,9 @@ Why a handle: a request reads `engine.handle` once and uses that object for ever
 does, so a hot swap (admin call or SIGHUP) that replaces the reference mid-flight can neither
 fail nor mix two indexes in one answer; the old Searcher is freed when its last request ends.
 The new index is loaded and warmed on a separate thread *before* the swap, so the first
-request after it pays no lazy-initialisation cost.
+request after it pays no lazy-initialisation cost. Its files are checked against the manifest's
+checksums first (`service.integrity`): a swap to an index that fails is refused, and an index
+whose background check fails stops being served (503) rather than answering from damaged data.
 
 Why an executor: encoding and FAISS are blocking CPU/GPU calls; running them on the event
 loop would serialise every concurrent request. A bounded pool keeps them off the loop and
@@ -18,11 +20,12 @@ import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from .autodepth import AutoDepth
+from .integrity import FAILED, OK, PENDING, UNCHECKED, Verification
 from .metrics import Metrics
 from .settings import ServiceSettings
 
@@ -46,6 +49,7 @@ class IndexHandle:
     index_dir: Path
     load_seconds: float
     grid: tuple[int, int] | None
+    verification: Verification = field(default_factory=lambda: Verification(UNCHECKED))
 
     @property
     def metadata_fields(self) -> set[str]:
@@ -126,28 +130,53 @@ class Engine:
             if self.loading:
                 raise NotReady("the index is still loading")
             raise NotReady(f"no index loaded: {self.load_error}" if self.load_error else "no index loaded")
+        if h.verification.state == FAILED:
+            raise NotReady(f"the index failed verification: {'; '.join(h.verification.problems)}")
         return h
+
+    @property
+    def served(self) -> IndexHandle | None:
+        """The installed handle, whatever its verification says (for /readyz)."""
+        return self._handle
 
     @property
     def ready(self) -> bool:
         return self._handle is not None
 
     def install(self, searcher: Any, index_dir: Path, load_seconds: float = 0.0,
-                initial_cost: float | None = None) -> IndexHandle:
-        """Make `searcher` the one being served (a single reference assignment: atomic)."""
+                initial_cost: float | None = None, verification: Verification | None = None) -> IndexHandle:
+        """Make `searcher` the one being served (a single reference assignment: atomic), then
+        hash its files still pending verification in the background."""
         self._generation += 1
-        handle = IndexHandle(searcher, self._generation, Path(index_dir), load_seconds, grid_of(searcher))
+        verification = verification or Verification(UNCHECKED)
+        handle = IndexHandle(searcher, self._generation, Path(index_dir), load_seconds, grid_of(searcher),
+                             verification)
+        old = self._handle
         cost = initial_cost if initial_cost is not None else None
         if cost is not None and self.auto.per_candidate_s is None:
             self.auto.observe(1, cost)
         self._handle = handle
+        if old is not None:
+            old.verification.stop()
         self.load_error = None
         self.metrics.generation.set(handle.generation)
+        self._report_verification(handle)
+        verification.start(f"index generation {handle.generation}",
+                           on_done=lambda v: self._report_verification(handle))
         n = _n_images(searcher)
         if n is not None:
             self.metrics.items.set(n)
-        log.info("serving index %s (generation %d, loaded in %.2fs)", index_dir, handle.generation, load_seconds)
+        log.info("serving index %s (generation %d, loaded in %.2fs, verified: %s)", index_dir, handle.generation,
+                 load_seconds, verification.state)
         return handle
+
+    def _report_verification(self, handle: IndexHandle) -> None:
+        if handle is self._handle:
+            state = handle.verification.state
+            self.metrics.verified.set({OK: 1, FAILED: -1}.get(state, 0))
+            if state == PENDING:
+                log.info("index generation %d: hashing %d token segment(s) in the background", handle.generation,
+                         len(handle.verification.pending))
 
     async def load(self, index_dir: Path | str | None = None) -> IndexHandle:
         """Load (and warm) an index off the loop, then swap it in. Loads are serialised."""
@@ -158,10 +187,11 @@ class Engine:
             self._swap_lock = asyncio.Lock()
         async with self._swap_lock:
             self.loading = True
+            swap = self._handle is not None  # a swap checks every file before it; a first load the small ones
             t0 = time.perf_counter()
             try:
-                searcher, cost = await asyncio.get_running_loop().run_in_executor(
-                    self._load_executor, functools.partial(self._load_and_warm, target))
+                searcher, cost, verification = await asyncio.get_running_loop().run_in_executor(
+                    self._load_executor, functools.partial(self._load_and_warm, target, swap))
             except Exception as e:
                 reason = _one_line(e)
                 if self._handle is None:
@@ -172,15 +202,17 @@ class Engine:
             finally:
                 self.loading = False
             self.metrics.swaps.labels("ok").inc()
-            return self.install(searcher, target, time.perf_counter() - t0, cost)
+            return self.install(searcher, target, time.perf_counter() - t0, cost, verification)
 
-    def _load_and_warm(self, index_dir: Path) -> tuple[Any, float | None]:
-        """Runs on the loader thread: open, warm, and measure the re-rank cost before the swap."""
+    def _load_and_warm(self, index_dir: Path, swap: bool = False) -> tuple[Any, float | None, Verification]:
+        """Runs on the loader thread: verify, open, warm, and measure the re-rank cost before the swap."""
         if not Path(index_dir).is_dir():
             raise FileNotFoundError(f"not a directory: {index_dir}")
-        searcher = self.loader(Path(index_dir).resolve())
+        folder = Path(index_dir).resolve()
+        verification = Verification.before_load(folder, self.settings.verify, swap=swap)
+        searcher = self.loader(folder)
         warm_up(searcher)
-        return searcher, initial_cost(searcher)
+        return searcher, initial_cost(searcher), verification
 
     # --- running blocking work off the loop ---------------------------------------------------
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -40,6 +40,9 @@ class Metrics:
                                 multiprocess_mode="liveall", registry=r)
         self.items = Gauge("service_index_images", "images in the served index", multiprocess_mode="livemax",
                            registry=r)
+        self.verified = Gauge("service_index_verified", "1: every checksum of the served index matched; "
+                              "0: pending, off or no manifest; -1: a file failed (the index is not served)",
+                              multiprocess_mode="liveall", registry=r)
         self.swaps = Counter("service_index_swaps_total", "index loads/swaps", ["result"], registry=r)
         self.in_flight = Gauge("service_requests_in_flight", "requests being handled", multiprocess_mode="livesum",
                                registry=r)

@@ -117,5 +117,8 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     ready: bool
     message: str
-    index: IndexRef | None = None
-    info: dict[str, Any] | None = None
+    verified: str | None = Field(None, description="checksums of the served index: ok, pending (being hashed "
+                                 "in the background), failed (not served), off, unchecked (no manifest)")
+    index: IndexRef | None = Field(None, description="details: only with the key, when one is set")
+    info: dict[str, Any] | None = Field(None, description="details: counts, sizes, model, FAISS parameters")
+    verification: dict[str, Any] | None = Field(None, description="details: state, failing files, bytes hashed")

@@ -42,8 +42,12 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
-    api_key: SecretStr | None = Field(None, description="when set, every search/item/image/admin call needs it")
+    api_key: SecretStr | None = Field(None, description="when set, every search/item/image/admin call needs it, "
+                                      "sent as the X-API-Key header or Authorization: Bearer (never in the URL), "
+                                      "and so do /metrics, /openapi.json and /readyz's details")
     admin_key: SecretStr | None = Field(None, description="key for /admin/*; defaults to api_key")
+    public_ops: bool = Field(False, description="with an api_key set, still serve /metrics, /docs, "
+                             "/openapi.json and /readyz's details without it (e.g. a scraper on a private network)")
     allow_admin: bool = Field(True, description="expose POST /admin/reload (index hot swap)")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="allowed CORS origins; ['*'] for any")
 
@@ -68,6 +72,10 @@ class ServiceSettings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port; each loads the index "
                          "(the token store's pages are shared), so Python's per-request work runs on every core "
                          "(see service.workers); SIGHUP and /admin/reload reach them all")
+    verify: Literal["background", "full", "off"] = Field(
+        "background", description="checksums of the index files: background (all but the token segments before "
+        "the first load, those after it while /readyz says verified: pending; a swap checks every file before "
+        "it), full (every file before every load), off (none)")
     background_load: bool = Field(True, description="load the index after startup; /readyz says when done")
     keep_alive_s: float = Field(75.0, gt=0, description="idle keep-alive; above a load balancer's idle timeout "
                                 "(60 s typical) so a reused connection is never closed under a client's request")

@@ -82,10 +82,13 @@ def worker_app():
 
 def _load_once(settings_json: str, index_dir: str) -> str | None:
     from .engine import default_loader
+    from .integrity import Verification
     from .settings import ServiceSettings
 
     try:
-        default_loader(ServiceSettings(**json.loads(settings_json)))(Path(index_dir).resolve())
+        settings = ServiceSettings(**json.loads(settings_json))
+        Verification.before_load(Path(index_dir).resolve(), settings.verify)  # each worker hashes the segments
+        default_loader(settings)(Path(index_dir).resolve())
     except Exception as e:
         return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return None

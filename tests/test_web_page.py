@@ -35,16 +35,15 @@ def _browser_or_skip():
     return pw, browser
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _serve(tmp: Path, **settings):
+    """The FakeSearcher's app under uvicorn on a loopback port, for the module's tests."""
     import uvicorn
 
     from service.app import create_app
     from service.fake import FakeSearcher
     from service.settings import ServiceSettings
 
-    tmp = tmp_path_factory.mktemp("web")
-    app = create_app(ServiceSettings(index_dir=tmp / "idx"), searcher=FakeSearcher(tmp / "idx", n_images=8))
+    app = create_app(ServiceSettings(index_dir=tmp / "idx", **settings), searcher=FakeSearcher(tmp / "idx", n_images=8))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -59,6 +58,11 @@ def server(tmp_path_factory):
     yield f"http://127.0.0.1:{port}", tmp
     srv.should_exit = True
     th.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from _serve(tmp_path_factory.mktemp("web"))
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +152,33 @@ def test_errors_are_shown(page):
     page.press("#query", "Enter")
     page.wait_for_function("document.getElementById('status').classList.contains('error')")
     assert "too long" in page.inner_text("#status")
+
+
+KEY = "page-key-7f3"
+
+
+def test_with_a_key_the_page_sends_it_in_a_header_only(page, tmp_path):
+    """With SERVICE_API_KEY set: the page asks for the key, then searches and loads every result
+    image with it in the X-API-Key header (blob URLs), never in a URL."""
+    serve = _serve(tmp_path, api_key=KEY)
+    url, _ = next(serve)
+    ctx = page.context.browser.new_context()  # the module's browser, a fresh profile (no stored key)
+    try:
+        pg = ctx.new_page()
+        urls: list[str] = []
+        pg.on("request", lambda r: urls.append(r.url))
+        pg.goto(url + "/")
+        pg.wait_for_function("document.getElementById('index-info').textContent.startsWith('index')")
+        pg.fill("#query", "red dog")
+        pg.press("#query", "Enter")
+        pg.wait_for_function("!document.getElementById('key-label').hidden")  # the 401 asks for the key
+        pg.fill("#api-key", KEY)
+        pg.dispatch_event("#api-key", "change")
+        pg.press("#query", "Enter")
+        pg.wait_for_selector(".card")
+        pg.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)")
+        assert all(src.startswith("blob:") for src in pg.locator(".card img").evaluate_all("e => e.map(i => i.src)"))
+        assert any("/images/" in u for u in urls) and not [u for u in urls if KEY in u]
+    finally:
+        ctx.close()
+        next(serve, None)

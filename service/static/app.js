@@ -12,9 +12,18 @@ function headers(json) {
   return h;
 }
 
-function imageUrl(url) {
-  if (!url) return "";
-  return state.key ? url + "?api_key=" + encodeURIComponent(state.key) : url;
+// The key goes in a header only (never in a URL, which servers and proxies log), so with a key
+// an <img> cannot load /images/{id} itself: fetch it with the header and show the blob.
+async function showImage(img, url) {
+  if (!url) return;
+  if (!state.key) { img.src = url; return; }
+  try {
+    const res = await fetch(url, { headers: headers(false) });
+    if (!res.ok) return;
+    const blobUrl = URL.createObjectURL(await res.blob());
+    img.addEventListener("load", () => URL.revokeObjectURL(blobUrl), { once: true });
+    img.src = blobUrl;
+  } catch (e) { /* the card keeps its caption */ }
 }
 
 function setStatus(text, isError) {
@@ -131,7 +140,7 @@ function render(r) {
     card.dataset.id = String(hit.id);
     card.dataset.rank = String(rank + 1);
     const img = card.querySelector("img");
-    img.src = imageUrl(hit.image_url);
+    showImage(img, hit.image_url);
     img.alt = hit.caption || `image ${hit.image_id}`;
     card.querySelector(".caption").textContent = hit.caption || `#${rank + 1} · image ${hit.image_id}`;
     const local = hit.local_score === null || hit.local_score === undefined ? "" :
@@ -205,12 +214,15 @@ async function searchImage(file) {
 
 async function loadInfo() {
   try {
-    const res = await fetch("/readyz");
+    const res = await fetch("/readyz", { headers: headers(false) });
     const r = await res.json();
     const info = r.info || {};
     const n = info.images ?? (info.counts && info.counts.images);
+    // without the key (when the server has one) /readyz only says ready or not
+    const which = r.index ? `index ${r.index.index_dir.split("/").pop()} · generation ${r.index.generation}` : "index ready";
+    const verified = r.verified && r.verified !== "ok" ? ` · checksums ${r.verified}` : "";
     $("index-info").textContent = r.ready
-      ? `index ${r.index.index_dir.split("/").pop()} · generation ${r.index.generation}` + (n !== undefined ? ` · ${n} images` : "")
+      ? which + (n !== undefined ? ` · ${n} images` : "") + verified
       : `not ready: ${r.message}`;
     if (!r.ready) setTimeout(loadInfo, 1500);
   } catch (e) {
