@@ -67,7 +67,7 @@ def _fit_route(args: argparse.Namespace) -> int:
     from .fit_route import fit
 
     t0 = time.time()
-    out = fit(args.checkpoint, args.data, args.ood or [], args.out, workers=args.workers)
+    out = fit(args.checkpoint, args.data, args.ood or [], args.out, workers=args.workers, route_from=args.route_from)
     print(f"checkpoint with the label route written to {out} in {time.time() - t0:.0f} s "
           f"(choices and val tables: {out / 'fit_route.json'})")
     return 0
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ood", nargs="*", help="out-of-domain dev collections (their val split joins the fit)")
     r.add_argument("--out", required=True, help="folder for the new checkpoint")
     r.add_argument("--workers", type=int, default=1, help="image decoding workers")
+    r.add_argument("--route-from", help="reuse this checkpoint's route (class vectors, banks, weights) and refit "
+                                        "only the fused score: for a retrained model of the same backbones")
     r.set_defaults(func=_fit_route)
     return p
 

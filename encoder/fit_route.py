@@ -135,20 +135,12 @@ def label_only(route: LabelRoute, s: RawSet) -> float:
 
 
 def fit(checkpoint: str | None, data: str, ood: list[str], out: str, workers: int = 1, seed: int = 0,
-        cache: str | None = ".cache/fit_route") -> Path:
+        cache: str | None = ".cache/fit_route", route_from: str | None = None) -> Path:
     t0 = time.time()
     torch.manual_seed(seed)
     encoder = route_encoder(checkpoint)
     report: dict = {"checkpoint": checkpoint or "default", "data": data, "ood": ood}
     base_cfg = LabelRouteConfig()
-    # ---- banks and centres from the training split
-    train = load_pairs(data, split="train")
-    gen = torch.Generator().manual_seed(seed)
-    cap_pick = torch.randperm(len(train.captions), generator=gen)[:base_cfg.text_bank].tolist()
-    img_pick = torch.randperm(len(train.images), generator=gen)[:base_cfg.image_bank].tolist()
-    _, bank_text = encode_texts_raw(encoder, [train.captions[i] for i in cap_pick])
-    bank_col = Collection(train.root, [train.images[i] for i in img_pick], [], [])
-    _, bank_logits = encode_images_raw(encoder, bank_col, workers)
     # ---- validation sets, encoded once
     cdir = Path(cache) if cache else None
     sets = [encode_set(encoder, "flickr8k", data, "val", workers, cdir)] + \
@@ -156,75 +148,96 @@ def fit(checkpoint: str | None, data: str, ood: list[str], out: str, workers: in
     trained = encoder.model.config.score
     base = {s.name: rsum(s.images, s.captions, s.caption_image, trained, ("global", "two_stage")) for s in sets}
     report["trained_only"] = base
-    # ---- route variants, by the label route alone
-    variants = {}
-    vec_cache: dict[tuple, torch.Tensor] = {}
-    for prompt, lemmas, top_t, temp in itertools.product(
-            ("a photo of a {}", "a {}", "a picture of a {}"), (1, 3), (5, 10, 20), (1.0, 2.0)):
-        cfg = base_cfg.model_copy(update=dict(prompt=prompt, lemmas=lemmas, top_t=top_t, temperature=temp))
-        if (prompt, lemmas) not in vec_cache:
-            vec_cache[(prompt, lemmas)] = class_vectors(encoder, cfg)
-        route = LabelRoute(cfg)
-        route.class_vectors.copy_(vec_cache[(prompt, lemmas)])
-        scores = {s.name: label_only(route, s) for s in sets}
-        rel = sum(scores[s.name] / max(base[s.name]["global"], 1.0) for s in sets)
-        variants[f"{prompt!r} lemmas={lemmas} top_t={top_t} T={temp}"] = {**scores, "relative_sum": round(rel, 3)}
-        if "best" not in report or rel > report["best"][0]:
-            report["best"] = (rel, cfg.model_dump())
-    report["label_only"] = variants
-    cfg = LabelRouteConfig.model_validate(report.pop("best")[1])
-    classes = vec_cache[(cfg.prompt, cfg.lemmas)]
-    probe = LabelRoute(cfg)
-    probe.class_vectors.copy_(classes)
-    bank_img = probe.image_labels(bank_logits)
-    route = _route_with(cfg, classes, bank_text, bank_img)
-    # ---- weight ramp on global-only rsum
-    lab = {s.name: (route.image_labels(s.logits), route.text_labels(s.sentences)) for s in sets}
-    near = {}
-    for s in sets:
-        li, lc = lab[s.name]
-        k = cfg.bank_top
-        near[s.name] = ((li @ route.image_bank.T).topk(k, dim=-1).values.mean(-1),
-                        (lc @ route.text_bank.T).topk(k, dim=-1).values.mean(-1))
-    fl_img, fl_txt = near["flickr8k"]
-    report["nearness"] = {n: {"image_median": round(float(a.median()), 3), "text_median": round(float(b.median()), 3)}
-                          for n, (a, b) in near.items()}
+    if route_from is not None:
+        # the route's data and weights do not depend on the trained model: reuse them, refit the fusion
+        route = TGDTModel.from_pretrained(route_from).label_route
+        if route is None:
+            raise ValueError(f"{route_from} has no label route to reuse")
+        cfg = route.cfg
+        report["route_from"] = route_from
+        lab = {s.name: (route.image_labels(s.logits), route.text_labels(s.sentences)) for s in sets}
 
-    def ramps(x: torch.Tensor) -> list[tuple[float, float]]:
-        out = []
-        for q in (0.05, 0.2):
-            hi = float(torch.quantile(x, q))
-            out += [(round(hi - w, 3), round(hi, 3)) for w in (0.05, 0.1, 0.2)]
-        return out
-
-    def compose(s: RawSet, c: LabelRouteConfig) -> tuple[Embeddings, Embeddings]:
-        r = _route_with(c, classes, bank_text, bank_img)
-        li, lc = lab[s.name]
-        return r.extend(s.images, li, "image"), r.extend(s.captions, lc, "text")
-
-    def objective(scores: dict[str, float], ref: dict[str, float]) -> float:
-        if scores["flickr8k"] < ref["flickr8k"] - 0.5:  # never pay on the training domain
-            return -1e9
-        return sum(scores[n] / max(ref[n], 1.0) for n in scores)
-
-    ref_g = {n: b["global"] for n, b in base.items()}
-    best, table = None, []
-    for w_in, w_out, (ilo, ihi), (tlo, thi) in itertools.product(
-            (0.0, 0.05, 0.1, 0.2), (0.5, 1.0, 2.0, 4.0), ramps(fl_img), ramps(fl_txt)):
-        c = cfg.model_copy(update=dict(weight_in=w_in, weight_out=w_out, image_lo=ilo, image_hi=ihi,
-                                       text_lo=tlo, text_hi=thi))
-        scores = {}
+        def compose(s: RawSet, c: LabelRouteConfig) -> tuple[Embeddings, Embeddings]:
+            li, lc = lab[s.name]
+            return route.extend(s.images, li, "image"), route.extend(s.captions, lc, "text")
+    else:
+        # ---- banks and centres from the training split
+        train = load_pairs(data, split="train")
+        gen = torch.Generator().manual_seed(seed)
+        cap_pick = torch.randperm(len(train.captions), generator=gen)[:base_cfg.text_bank].tolist()
+        img_pick = torch.randperm(len(train.images), generator=gen)[:base_cfg.image_bank].tolist()
+        _, bank_text = encode_texts_raw(encoder, [train.captions[i] for i in cap_pick])
+        bank_col = Collection(train.root, [train.images[i] for i in img_pick], [], [])
+        _, bank_logits = encode_images_raw(encoder, bank_col, workers)
+        # ---- route variants, by the label route alone
+        variants = {}
+        vec_cache: dict[tuple, torch.Tensor] = {}
+        for prompt, lemmas, top_t, temp in itertools.product(
+                ("a photo of a {}", "a {}", "a picture of a {}"), (1, 3), (5, 10, 20), (1.0, 2.0)):
+            cfg = base_cfg.model_copy(update=dict(prompt=prompt, lemmas=lemmas, top_t=top_t, temperature=temp))
+            if (prompt, lemmas) not in vec_cache:
+                vec_cache[(prompt, lemmas)] = class_vectors(encoder, cfg)
+            route = LabelRoute(cfg)
+            route.class_vectors.copy_(vec_cache[(prompt, lemmas)])
+            scores = {s.name: label_only(route, s) for s in sets}
+            rel = sum(scores[s.name] / max(base[s.name]["global"], 1.0) for s in sets)
+            variants[f"{prompt!r} lemmas={lemmas} top_t={top_t} T={temp}"] = {**scores, "relative_sum": round(rel, 3)}
+            if "best" not in report or rel > report["best"][0]:
+                report["best"] = (rel, cfg.model_dump())
+        report["label_only"] = variants
+        cfg = LabelRouteConfig.model_validate(report.pop("best")[1])
+        classes = vec_cache[(cfg.prompt, cfg.lemmas)]
+        probe = LabelRoute(cfg)
+        probe.class_vectors.copy_(classes)
+        bank_img = probe.image_labels(bank_logits)
+        route = _route_with(cfg, classes, bank_text, bank_img)
+        # ---- weight ramp on global-only rsum
+        lab = {s.name: (route.image_labels(s.logits), route.text_labels(s.sentences)) for s in sets}
+        near = {}
         for s in sets:
-            im, cp = compose(s, c)
-            scores[s.name] = rsum(im, cp, s.caption_image, trained)["global"]
-        j = objective(scores, ref_g)
-        table.append({**c.model_dump(include={"weight_in", "weight_out", "image_lo", "image_hi", "text_lo", "text_hi"}),
-                      **scores, "objective": round(j, 4)})
-        if best is None or j > best[0]:
-            best = (j, c, scores)
-    report["ramp_top10"] = sorted(table, key=lambda r: -r["objective"])[:10]
-    cfg = best[1]
-    route = _route_with(cfg, classes, bank_text, bank_img)
+            li, lc = lab[s.name]
+            k = cfg.bank_top
+            near[s.name] = ((li @ route.image_bank.T).topk(k, dim=-1).values.mean(-1),
+                            (lc @ route.text_bank.T).topk(k, dim=-1).values.mean(-1))
+        fl_img, fl_txt = near["flickr8k"]
+        report["nearness"] = {n: {"image_median": round(float(a.median()), 3), "text_median": round(float(b.median()), 3)}
+                              for n, (a, b) in near.items()}
+
+        def ramps(x: torch.Tensor) -> list[tuple[float, float]]:
+            out = []
+            for q in (0.05, 0.2):
+                hi = float(torch.quantile(x, q))
+                out += [(round(hi - w, 3), round(hi, 3)) for w in (0.05, 0.1, 0.2)]
+            return out
+
+        def compose(s: RawSet, c: LabelRouteConfig) -> tuple[Embeddings, Embeddings]:
+            r = _route_with(c, classes, bank_text, bank_img)
+            li, lc = lab[s.name]
+            return r.extend(s.images, li, "image"), r.extend(s.captions, lc, "text")
+
+        def objective(scores: dict[str, float], ref: dict[str, float]) -> float:
+            if scores["flickr8k"] < ref["flickr8k"] - 0.5:  # never pay on the training domain
+                return -1e9
+            return sum(scores[n] / max(ref[n], 1.0) for n in scores)
+
+        ref_g = {n: b["global"] for n, b in base.items()}
+        best, table = None, []
+        for w_in, w_out, (ilo, ihi), (tlo, thi) in itertools.product(
+                (0.0, 0.05, 0.1, 0.2), (0.5, 1.0, 2.0, 4.0), ramps(fl_img), ramps(fl_txt)):
+            c = cfg.model_copy(update=dict(weight_in=w_in, weight_out=w_out, image_lo=ilo, image_hi=ihi,
+                                           text_lo=tlo, text_hi=thi))
+            scores = {}
+            for s in sets:
+                im, cp = compose(s, c)
+                scores[s.name] = rsum(im, cp, s.caption_image, trained)["global"]
+            j = objective(scores, ref_g)
+            table.append({**c.model_dump(include={"weight_in", "weight_out", "image_lo", "image_hi", "text_lo", "text_hi"}),
+                          **scores, "objective": round(j, 4)})
+            if best is None or j > best[0]:
+                best = (j, c, scores)
+        report["ramp_top10"] = sorted(table, key=lambda r: -r["objective"])[:10]
+        cfg = best[1]
+        route = _route_with(cfg, classes, bank_text, bank_img)
     # ---- fused score: statistics and alpha on Flickr8k val, then alpha_out on every set
     composed = {s.name: compose(s, cfg) for s in sets}
     fl = sets[0]

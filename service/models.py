@@ -49,6 +49,8 @@ class ImageSearchRequest(SearchOptions):
 
 class WordCell(BaseModel):
     word: str
+    content: bool = Field(True, description="a content word (false: punctuation or a function word, "
+                                            "which a model with a word mask never scores)")
     cell: int
     row: int
     col: int

@@ -80,7 +80,8 @@ function buildHeat(card, hit, grid) {
     cells.push(d);
   }
   card._cells = cells;
-  card._alignment = hit.alignment.filter((a) => a.cell >= 0 && a.cell < rows * cols);
+  // content words only: function words and punctuation carry no grounding
+  card._alignment = hit.alignment.filter((a) => a.content !== false && a.cell >= 0 && a.cell < rows * cols);
   paintAll(card);
 }
 
@@ -102,7 +103,9 @@ function paintAll(card) {
       d.style.background = heatColour(0.35 + 0.65 * v);
       d.textContent = words.get(i).join(" ");
       d.dataset.active = "1";
+      d.style.outline = v >= 0.999 ? "3px solid #fff" : "1px solid rgba(255,255,255,0.7)";
     } else {
+      d.style.outline = "none";
       d.style.background = "rgba(0,0,0,0.28)";
       d.textContent = "";
       d.dataset.active = "0";
@@ -116,7 +119,8 @@ function paintWord(card, idx) {
   const a = card._alignment[idx];
   (card._cells || []).forEach((d, i) => {
     const on = i === a.cell;
-    d.style.background = on ? heatColour(1) : "rgba(0,0,0,0.35)";
+    d.style.background = on ? heatColour(1) : "rgba(0,0,0,0.55)";
+    d.style.outline = on ? "3px solid #fff" : "none";  // the word's winning cell, unmistakable
     d.textContent = on ? a.word : "";
     d.dataset.active = on ? "1" : "0";
   });
@@ -149,7 +153,7 @@ function render(r) {
       `<b>score ${hit.score.toFixed(3)}</b> · global ${hit.global_score.toFixed(3)}${local}`;
     const words = card.querySelector(".words");
     if (hit.alignment) {
-      hit.alignment.forEach((a, i) => {
+      hit.alignment.filter((a) => a.content !== false).forEach((a, i) => {
         const w = document.createElement("span");
         w.className = "word";
         w.textContent = a.word;
