@@ -91,6 +91,13 @@ def test_captions_paths_are_read_relative_to_the_captions_file(tmp_path, tiny_ch
     assert src.entries[0].path == "2.jpg" and src.entries[0].captions == ["from coco"]
 
 
+def test_flickr8k_indexed_from_its_images_folder_keeps_every_caption(flickr8k):
+    """The reported case: --images flickr8k/images --captions flickr8k/pairs.jsonl gave 0 captions."""
+    src = read_source(flickr8k / "images", flickr8k / "pairs.jsonl", split="test")
+    assert len(src.entries) == 1000 and sum(len(e.captions) for e in src.entries) == 5000 and src.missing == []
+    assert all("/" not in e.path for e in src.entries)  # relative to --images: '1000268201_693b08cb0e.jpg'
+
+
 def test_a_captions_file_whose_images_are_mostly_missing_stops_the_build(tmp_path, tiny_checkpoint, capsys):
     col = tmp_path / "col"
     photos(col / "images", [f"{i}.jpg" for i in range(5)])
