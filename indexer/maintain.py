@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -184,8 +185,9 @@ def remove(index: str | Path, ids: list[int] | None = None, paths: list[str] | N
                 unknown.append(str(i))
             else:
                 (img_ids if r[0] == "image" else cap_ids).add(int(i))
-        for p in paths:
-            rows = con.execute("SELECT id FROM items WHERE kind='image' AND path=? AND deleted=0", (p,)).fetchall()
+        for p in paths:  # stored paths are normalised: 'sub/../x.jpg' names 'x.jpg'
+            rows = con.execute("SELECT id FROM items WHERE kind='image' AND path=? AND deleted=0",
+                               (posixpath.normpath(p.replace("\\", "/")),)).fetchall()
             if not rows:
                 unknown.append(p)
             img_ids.update(r[0] for r in rows)

@@ -180,7 +180,7 @@ def test_a_build_with_no_readable_image_fails(tmp_path, tiny_checkpoint, capsys)
 
 # ------------------------------------------------------------------ issue 18 item 5: add, one path rule
 def test_add_stores_paths_relative_to_the_images_folder_like_build(tmp_path, tiny_checkpoint):
-    from indexer.maintain import add
+    from indexer.maintain import add, remove
     from indexer.searcher import Searcher
 
     col = tmp_path / "col"
@@ -203,6 +203,7 @@ def test_add_stores_paths_relative_to_the_images_folder_like_build(tmp_path, tin
     with pytest.raises(BuildError, match="nothing added: none of the 1 new file"):
         add(out, images=str(col / "new"), workers=0, progress=False)
     assert Searcher(out).manifest.counts["images"] == 4  # unchanged
+    assert remove(out, paths=["new/sub/../c.jpg"]) == {"images": 1, "captions": 0}  # names normalised here too
 
 
 # ------------------------------------------------------------------ every CLI failure: one line, no traceback
