@@ -61,9 +61,20 @@ class _Record:
 
 
 def discover_images(root: Path) -> list[str]:
-    """Every image file under root (recursive), sorted, as relative POSIX paths."""
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    """Every image file under root (recursive, through linked folders too, each real folder
+    once), sorted, as relative POSIX paths."""
+    found, seen = [], set()
+    for folder, subdirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree (or a second link to one folder): walked already
+            subdirs[:] = []
+            continue
+        seen.add(real)
+        subdirs.sort()  # a deterministic walk: which of two links to one folder counts is always the same
+        rel = Path(os.path.relpath(folder, root))
+        found += [(rel / f).as_posix().removeprefix("./") for f in files
+                  if Path(f).suffix.lower() in IMAGE_EXTS and os.path.isfile(os.path.join(folder, f))]
+    return sorted(found)
 
 
 def _user_id(v: Any) -> str | int | None:

@@ -69,6 +69,11 @@ def test_symlinked_photos_named_in_a_captions_file_are_indexed(tmp_path, tiny_ch
     report = {p["path"]: p for p in json.loads((tmp_path / "idx" / "build_report.json").read_text())["problems"]}
     assert report["../secret.jpg"]["reason"] == "outside the images folder"  # the traversal guard still holds
     assert "absolute path" in report[str(tmp_path / "secret.jpg")]["reason"]
+    # no captions file: a linked folder (DVC-style) is walked like a real one, a link loop only once
+    os.symlink(store, col / "linked")
+    os.symlink(col, col / "photos" / "loop")
+    assert [e.path for e in read_source(col).entries] == [
+        "linked/blob0.jpg", "linked/blob1.jpg", "linked/blob2.jpg", "photos/x0.jpg", "photos/x1.jpg", "photos/x2.jpg"]
 
 
 # ------------------------------------------------------------------ issue 13 item 2: which folder
