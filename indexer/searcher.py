@@ -8,7 +8,6 @@ same `encoder.similarity` functions training and evaluation use.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field
