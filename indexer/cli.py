@@ -122,12 +122,16 @@ def _cmd_verify(args) -> int:
 def _cmd_search(args) -> int:
     from .searcher import Searcher
 
+    filters = _filters(args.filters)
     s = Searcher(args.index, device=args.device)
-    filters = json.loads(args.filters) if args.filters else None
     if args.image:
-        from encoder.transforms import load_image
+        from encoder.transforms import ImageError, load_image
 
-        res = s.search_image(load_image(args.image), k=args.k, candidates=args.candidates, mode=args.mode,
+        try:
+            image = load_image(args.image)
+        except ImageError as e:
+            raise ValueError(f"--image {args.image}: {e}") from None
+        res = s.search_image(image, k=args.k, candidates=args.candidates, mode=args.mode,
                              filters=filters, target=args.target)
     else:
         res = s.search_text(args.text, k=args.k, candidates=args.candidates, mode=args.mode, filters=filters,
@@ -137,6 +141,18 @@ def _cmd_search(args) -> int:
         print(f"{h.score:8.3f}  {h.id:>8}  {label}")
     print(json.dumps({k: round(v * 1000, 2) for k, v in res.timings.items()}) + " ms", file=sys.stderr)
     return 0
+
+
+def _filters(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        filters = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--filters is not JSON ({e.msg} at column {e.colno}); e.g. '{{\"split\": \"test\"}}'") from None
+    if not isinstance(filters, dict):
+        raise ValueError("--filters must be a JSON object, e.g. '{\"split\": \"test\"}'")
+    return filters
 
 
 def read_queries(path: str | Path) -> list[str]:

@@ -243,6 +243,8 @@ def test_indexer_cli_failure_modes_say_what_went_wrong(tmp_path, tiny_checkpoint
           "cannot load checkpoint")
     assert run_cli(["build", "--images", str(col), "--captions", str(col / "pairs.jsonl"), "--out",
                     str(tmp_path / "idx")] + base, capsys)[0] == 0
+    fails(["search", str(tmp_path / "idx"), "--text", "dog", "--filters", "split=test"], "--filters is not JSON")
+    fails(["search", str(tmp_path / "idx"), "--image", str(col / "pairs.jsonl")], "pairs.jsonl: not a readable image")
     from conftest import make_tiny_checkpoint
 
     make_tiny_checkpoint(ckpt, seed=7)  # the checkpoint the index names is now another model
