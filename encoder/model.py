@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -137,7 +138,7 @@ class TGDTModel(nn.Module):
             config = ModelConfig.model_validate(doc["model"])
             model = cls(config, doc["image_dim"], doc["text_dim"], tuple(doc["image_grid"]), pretrained_tops=False)
             model.load_state_dict(load_file(str(path / WEIGHTS), device=str(map_location)))
-        except (KeyError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
         return model.eval().to(map_location)
 

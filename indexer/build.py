@@ -35,6 +35,7 @@ from .manifest import CODEC, FAISS, META, REPORT, Manifest, file_entries, write_
 from .tokenstore import KINDS, RawKind, Segment, TokenCodec, write_segment
 
 SEGMENT0 = "tokens-000.h5"
+PROBLEMS = ("skipped", "duplicate", "missing", "bad_line")  # what build_report.json counts
 
 
 class BuildError(RuntimeError):
@@ -169,7 +170,7 @@ class _Builder:
             seen[sha] = (iid, self.store_path(e.path))
             owner[pos] = iid
             rows.append((iid, "image", self.store_path(e.path), None, None, e.meta, sha, self.segment,
-                         seg_pos["image"] + n_img))
+                         seg_pos["image"] + n_img, e.user_id))
             metadata.add_fields(con, e.meta)
             n_img += 1
         for j, (cid, pos, text) in enumerate(b.cap_items):
@@ -191,7 +192,7 @@ def _signature(cfg: BuildConfig, source: Source, digest: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([cfg.tokens, cfg.faiss, digest, str(Path(cfg.images).resolve())]).encode())
     for e in source.entries:
-        h.update(json.dumps([e.path, e.captions, e.meta], sort_keys=True, default=str).encode())
+        h.update(json.dumps([e.path, e.captions, e.meta, e.user_id], sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -244,6 +245,11 @@ def _train_codecs(builder: _Builder, pending: list[_Encoded], cfg: BuildConfig, 
         codec.save(codec_dir / CODEC[kind])
 
 
+def source_of(cfg: BuildConfig) -> Source:
+    return read_source(cfg.images, cfg.captions, cfg.split, id_field=cfg.id_field, allow_missing=cfg.allow_missing,
+                       skip_bad_lines=cfg.skip_bad_lines)
+
+
 def open_encoder(checkpoint: str | None, device: str | None):
     from encoder.model import CheckpointError
     from encoder.pipeline import Encoder
@@ -270,9 +276,7 @@ def encode_into(folder: Path, cfg: BuildConfig, source: Source, encoder,
     for kind in KINDS:
         builder.raws[kind].truncate(prog.get("raw", {}).get(kind, {}))
     if start == 0:
-        for m in source.missing:
-            metadata.report(con, m["path"], "missing", m["reason"])
-        con.commit()
+        report_inputs(con, source)
     seen = {r["sha256"]: (r["id"], r["path"]) for r in con.execute("SELECT id, path, sha256 FROM items WHERE kind='image' AND deleted=0")}
     n = len(source.entries)
     batches = 0
@@ -293,6 +297,30 @@ def encode_into(folder: Path, cfg: BuildConfig, source: Source, encoder,
     bar.close()
     con.close()
     return {"encode_seconds": time.perf_counter() - t0, "batches": batches, "resumed_from": start}
+
+
+def report_inputs(con, source: Source) -> None:
+    """Record what the inputs could not give: missing images, skipped captions lines."""
+    for m in source.missing:
+        metadata.report(con, m["path"], "missing", m["reason"])
+    for b in source.bad_lines:
+        metadata.report(con, b["path"], "bad_line", b["reason"])
+    con.commit()
+
+
+def require_images(db: Path, source: Source) -> None:
+    """No usable image, no index: the reason instead of an empty index a service would start on."""
+    con = metadata.connect(db, readonly=True)
+    try:
+        n = con.execute("SELECT count(*) FROM items WHERE kind='image'").fetchone()[0]
+        if n:
+            return
+        skipped = con.execute("SELECT path, reason FROM report WHERE problem='skipped' ORDER BY seq LIMIT 3").fetchall()
+    finally:
+        con.close()
+    why = "; ".join(f"{r['path']}: {r['reason']}" for r in skipped)
+    raise BuildError(f"no usable image under {source.root}: all {len(source.entries)} file(s) failed to read"
+                     + (f" (e.g. {why})" if why else ""))
 
 
 def build_galleries(seg: Segment, dim: int, option: str, nprobe_recall: float | None,
@@ -340,7 +368,7 @@ def finalize(folder: Path, cfg: BuildConfig, encoder, source_root: Path, checkpo
     metadata.set_progress(con, {"finished": True})
     con.commit()
     con.close()
-    summary = {k: sum(1 for p in problems if p["problem"] == k) for k in ("skipped", "duplicate", "missing")}
+    summary = report_summary(problems)
     (folder / REPORT).write_text(json.dumps({"summary": summary, "problems": problems}, indent=2) + "\n")
     files = [META, SEGMENT0, REPORT, *FAISS.values(), *[CODEC[k] for k in KINDS if (folder / CODEC[k]).is_file()]]
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -354,11 +382,15 @@ def finalize(folder: Path, cfg: BuildConfig, encoder, source_root: Path, checkpo
                 "deleted_captions": 0},
         files=file_entries(folder, files),
         build={**summary, "encode_seconds": round(stats.get("encode_seconds", 0.0), 2),
-               "captions_file": cfg.captions, "split": cfg.split, "faiss_option": cfg.faiss,
+               "captions_file": cfg.captions, "split": cfg.split, "id_field": cfg.id_field, "faiss_option": cfg.faiss,
                "nprobe_recall": cfg.nprobe_recall},
     )
     write_manifest(folder, m)
     return m
+
+
+def report_summary(problems: list[dict]) -> dict[str, int]:
+    return {k: sum(1 for p in problems if p["problem"] == k) for k in PROBLEMS}
 
 
 def partial_dir(out: Path) -> Path:
@@ -386,7 +418,7 @@ def build(cfg: BuildConfig, encoder=None, on_batch: Callable[[int], None] | None
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise BuildError(f"{out} already exists; pass --overwrite to replace it")
-    source = read_source(cfg.images, cfg.captions, cfg.split)
+    source = source_of(cfg)
     encoder = encoder or open_encoder(cfg.checkpoint, cfg.device)
     digest = checkpoint_digest(cfg.checkpoint)
     part = partial_dir(out)
@@ -399,6 +431,11 @@ def build(cfg: BuildConfig, encoder=None, on_batch: Callable[[int], None] | None
         sig_file.write_text(sig)
     if not done_marker.is_file():
         stats = encode_into(part, cfg, source, encoder, on_batch)
+        try:
+            require_images(part / META, source)
+        except BuildError:
+            shutil.rmtree(part, ignore_errors=True)
+            raise
         finalize(part, cfg, encoder, source.root, digest, stats)
         done_marker.write_text("ok\n")
     publish(part, out)

@@ -19,14 +19,16 @@ def _build_config(args: argparse.Namespace):
 
     return BuildConfig(images=args.images, captions=args.captions, out=args.out, checkpoint=args.checkpoint,
                        faiss=args.faiss, tokens=args.tokens, overwrite=args.overwrite, split=args.split,
+                       id_field=args.id_field, allow_missing=args.allow_missing, skip_bad_lines=args.skip_bad_lines,
                        batch_size=args.batch_size, workers=args.workers, device=args.device,
                        progress=not args.quiet)
 
 
 def _summary(m) -> str:
     b = m.build
+    bad = f", bad captions lines {b['bad_line']}" if b.get("bad_line") else ""
     return (f"{m.counts['images']} images, {m.counts['captions']} captions; skipped {b.get('skipped', 0)}, "
-            f"duplicates {b.get('duplicate', 0)}, missing {b.get('missing', 0)} (see build_report.json); "
+            f"duplicates {b.get('duplicate', 0)}, missing {b.get('missing', 0)}{bad} (see build_report.json); "
             f"faiss image={m.faiss['image'].factory} caption={m.faiss['caption'].factory}; tokens {m.token_form} "
             f"({m.token_row_bytes * m.image_tokens} B/image)")
 
@@ -52,7 +54,8 @@ def _cmd_add(args) -> int:
     from .maintain import add
 
     m = add(args.index, images=args.images, captions=args.captions, split=args.split, batch_size=args.batch_size,
-            workers=args.workers, device=args.device, progress=not args.quiet)
+            workers=args.workers, device=args.device, progress=not args.quiet, id_field=args.id_field,
+            allow_missing=args.allow_missing, skip_bad_lines=args.skip_bad_lines)
     print(f"{args.index}: now {_summary(m)}")
     return 0
 
@@ -119,12 +122,16 @@ def _cmd_verify(args) -> int:
 def _cmd_search(args) -> int:
     from .searcher import Searcher
 
+    filters = _filters(args.filters)
     s = Searcher(args.index, device=args.device)
-    filters = json.loads(args.filters) if args.filters else None
     if args.image:
-        from encoder.transforms import load_image
+        from encoder.transforms import ImageError, load_image
 
-        res = s.search_image(load_image(args.image), k=args.k, candidates=args.candidates, mode=args.mode,
+        try:
+            image = load_image(args.image)
+        except ImageError as e:
+            raise ValueError(f"--image {args.image}: {e}") from None
+        res = s.search_image(image, k=args.k, candidates=args.candidates, mode=args.mode,
                              filters=filters, target=args.target)
     else:
         res = s.search_text(args.text, k=args.k, candidates=args.candidates, mode=args.mode, filters=filters,
@@ -134,6 +141,18 @@ def _cmd_search(args) -> int:
         print(f"{h.score:8.3f}  {h.id:>8}  {label}")
     print(json.dumps({k: round(v * 1000, 2) for k, v in res.timings.items()}) + " ms", file=sys.stderr)
     return 0
+
+
+def _filters(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        filters = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--filters is not JSON ({e.msg} at column {e.colno}); e.g. '{{\"split\": \"test\"}}'") from None
+    if not isinstance(filters, dict):
+        raise ValueError("--filters must be a JSON object, e.g. '{\"split\": \"test\"}'")
+    return filters
 
 
 def read_queries(path: str | Path) -> list[str]:
@@ -173,9 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--split", help="with a pairs JSONL/CSV: only lines of this split")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    def inputs(sp):
+        sp.add_argument("--id-field", help="the captions file's own image id field, returned with every hit as "
+                        "user_id (default: 'id' where the file has it)")
+        sp.add_argument("--allow-missing", action="store_true",
+                        help="build even when most images the captions file names are missing")
+        sp.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip unreadable captions lines (listed in build_report.json) instead of stopping")
+
     b = sub.add_parser("build", help="encode a collection into a new index directory")
-    b.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    b.add_argument("--captions", help="pairs .jsonl, COCO captions .json or .csv")
+    b.add_argument("--images", required=True, help="folder of images (searched recursively); stored paths are "
+                   "relative to it")
+    b.add_argument("--captions", help="pairs .jsonl, COCO captions .json or .csv; its image names are read relative "
+                   "to its own folder, else to --images")
     b.add_argument("--out", required=True, help="index directory to create")
     b.add_argument("--checkpoint", help="encoder checkpoint folder (default: the packaged default model)")
     b.add_argument("--faiss", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"])
@@ -187,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ray_arguments(b)
     common(b)
+    inputs(b)
     b.set_defaults(func=_cmd_build)
 
     a = sub.add_parser("add", help="add images (and captions) to an index without rebuilding it")
@@ -194,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--images", required=True)
     a.add_argument("--captions")
     common(a)
+    inputs(a)
     a.set_defaults(func=_cmd_add)
 
     r = sub.add_parser("remove", help="tombstone items by id or image path (compact reclaims space)")

@@ -87,6 +87,9 @@ class BuildConfig(_Strict):
     tokens: str = "fp16"
     overwrite: bool = False
     split: str | None = None
+    id_field: str | None = None  # the captions file's own image id field (default: `id` where present)
+    allow_missing: bool = False  # build even when most images a captions file names are missing
+    skip_bad_lines: bool = False  # skip (and report) unreadable captions lines instead of stopping
     batch_size: int = 64
     caption_batch: int = 256
     workers: int = 1

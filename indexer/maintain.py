@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from . import faiss_index, metadata
-from .build import BuildError, build_galleries, encode_into, open_encoder
+from .build import BuildError, build_galleries, encode_into, open_encoder, report_inputs, report_summary
 from .config import BuildConfig, FaissParams
-from .inputs import read_source
+from .inputs import read_source, relative_inside
 from .manifest import CODEC, FAISS, META, REPORT, Manifest, file_entries, read_manifest, write_manifest
 from .tokenstore import KINDS, RawKind, Segment, gather_rows, write_segment
 
@@ -64,7 +65,7 @@ def _refresh(staging: Path, m: Manifest, changed: list[str]) -> Manifest:
         counts[name], counts[f"deleted_{name}"] = int(total), int(dead)
     problems = metadata.read_report(con)
     con.close()
-    summary = {k: sum(1 for p in problems if p["problem"] == k) for k in ("skipped", "duplicate", "missing")}
+    summary = report_summary(problems)
     (staging / REPORT).write_text(json.dumps({"summary": summary, "problems": problems}, indent=2) + "\n")
     files = dict(m.files)
     for name in {*changed, REPORT, META}:
@@ -77,30 +78,42 @@ def _refresh(staging: Path, m: Manifest, changed: list[str]) -> Manifest:
 
 def add(index: str | Path, images: str, captions: str | None = None, split: str | None = None,
         batch_size: int = 64, workers: int = 1, device: str | None = None, progress: bool = True,
-        encoder=None) -> Manifest:
-    """Encode new images (and their captions) into a new segment of an existing index."""
+        encoder=None, id_field: str | None = None, allow_missing: bool = False,
+        skip_bad_lines: bool = False) -> Manifest:
+    """Encode new images (and their captions) into a new segment of an existing index.
+
+    One rule for every stored path, as in `build`: relative to the index's images folder. New
+    images must therefore lie inside it (a folder linked into it counts: the link is not
+    followed to judge that)."""
     from encoder.model import checkpoint_digest
 
     index = Path(index)
     m = read_manifest(index)
-    source = read_source(images, captions, split)
+    id_field = id_field or m.build.get("id_field")
+    source = read_source(images, captions, split, id_field=id_field, allow_missing=allow_missing,
+                         skip_bad_lines=skip_bad_lines)
     encoder = encoder or open_encoder(m.checkpoint, device)
     if encoder.dim != m.dim or checkpoint_digest(m.checkpoint) != m.checkpoint_digest:
         raise BuildError(f"{index} was built with checkpoint {m.checkpoint_digest[:12]}; its encoder changed since")
-    root = Path(m.images_root).resolve()
+    root = Path(m.images_root)
+    prefix = relative_inside(source.root, ".", root)
+    if prefix is None:
+        raise BuildError(f"--images {source.root} is outside the index's images folder {root}: stored paths are "
+                         f"relative to it; move or link the new folder into it, then add it from there")
 
     def store_path(rel: str) -> str:
-        p = (source.root / rel).resolve()
-        return p.relative_to(root).as_posix() if root in p.parents else str(p)
+        return rel if prefix == "." else f"{prefix}/{rel}"
 
     staging = _stage(index)
     try:
         con = metadata.connect(staging / META)
         known = {r[0] for r in con.execute("SELECT path FROM items WHERE kind='image' AND deleted=0")}
         fresh = [e for e in source.entries if store_path(e.path) not in known]
+        n_entries = len(source.entries)
         for e in source.entries:
             if store_path(e.path) in known:
                 metadata.report(con, store_path(e.path), "duplicate", "already in the index (same path)")
+        report_inputs(con, source)
         next_id = int(con.execute("SELECT coalesce(max(id), -1) + 1 FROM items").fetchone()[0])
         metadata.set_progress(con, {"position": 0, "raw": {}})
         con.commit()
@@ -114,6 +127,7 @@ def add(index: str | Path, images: str, captions: str | None = None, split: str 
         if fresh:
             encode_into(work, cfg, source, encoder, db=staging / META, codec_dir=staging, segment=seg_no,
                         id_base=next_id, store_path=store_path)
+            _require_new_images(staging / META, next_id, source.root, len(fresh), n_entries)
         else:
             work.mkdir()
         raws = {k: RawKind.at(work, k) for k in KINDS}
@@ -142,6 +156,17 @@ def add(index: str | Path, images: str, captions: str | None = None, split: str 
         raise
 
 
+def _require_new_images(db: Path, first_id: int, root: Path, fresh: int, named: int) -> None:
+    con = metadata.connect(db, readonly=True)
+    try:
+        if con.execute("SELECT count(*) FROM items WHERE kind='image' AND id >= ?", (first_id,)).fetchone()[0]:
+            return
+    finally:
+        con.close()
+    raise BuildError(f"nothing added: none of the {fresh} new file(s) under {root} could be read "
+                     f"(of {named} found); the index is unchanged")
+
+
 def remove(index: str | Path, ids: list[int] | None = None, paths: list[str] | None = None) -> dict[str, int]:
     """Tombstone images (with their captions) or single captions; FAISS drops them where it can."""
     index = Path(index)
@@ -160,8 +185,9 @@ def remove(index: str | Path, ids: list[int] | None = None, paths: list[str] | N
                 unknown.append(str(i))
             else:
                 (img_ids if r[0] == "image" else cap_ids).add(int(i))
-        for p in paths:
-            rows = con.execute("SELECT id FROM items WHERE kind='image' AND path=? AND deleted=0", (p,)).fetchall()
+        for p in paths:  # stored paths are normalised: 'sub/../x.jpg' names 'x.jpg'
+            rows = con.execute("SELECT id FROM items WHERE kind='image' AND path=? AND deleted=0",
+                               (posixpath.normpath(p.replace("\\", "/")),)).fetchall()
             if not rows:
                 unknown.append(p)
             img_ids.update(r[0] for r in rows)
@@ -217,7 +243,8 @@ def compact(index: str | Path, chunk: int = 4096) -> Manifest:
                 raws[kind].append(np.concatenate(codes), np.stack(glob), np.array([r["id"] for r in part]),
                                   np.array(lens, dtype=np.int64), m.token_row_bytes)
                 metadata.insert_items(dst, [(r["id"], r["kind"], r["path"], r["caption"], r["image_id"],
-                                             json.loads(r["meta"]), r["sha256"], 0, s + j)
+                                             json.loads(r["meta"]), r["sha256"], 0, s + j,
+                                             r["user_id"] if "user_id" in r.keys() else None)
                                             for j, r in enumerate(part)])
         dst.executemany("INSERT INTO report(path, problem, reason) VALUES (?,?,?)",
                         [tuple(r) for r in src.execute("SELECT path, problem, reason FROM report ORDER BY seq")])

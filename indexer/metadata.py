@@ -1,5 +1,10 @@
 """SQLite metadata: ids, kinds, paths, captions, user fields, tombstones, build progress.
 
+An image's `path` is relative to the index's images folder (the manifest's `images_root`);
+`user_id` is the captions file's own id of the image (no SQLite type: an int stays an int, a
+string a string). Indexes written before `user_id` existed gain the column when opened for
+writing (`indexer add/remove/compact`); read-only they answer without it.
+
 SQLite because it is transactional: a build commits each batch's item rows together with its
 progress record, so a killed build resumes exactly after the last committed batch.
 """
@@ -14,7 +19,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS items(
   id INTEGER PRIMARY KEY, kind TEXT NOT NULL, path TEXT, caption TEXT, image_id INTEGER,
   meta TEXT NOT NULL DEFAULT '{}', sha256 TEXT, segment INTEGER NOT NULL, pos INTEGER NOT NULL,
-  deleted INTEGER NOT NULL DEFAULT 0);
+  deleted INTEGER NOT NULL DEFAULT 0, user_id);
 CREATE INDEX IF NOT EXISTS items_kind ON items(kind, deleted);
 CREATE INDEX IF NOT EXISTS items_image ON items(image_id);
 CREATE INDEX IF NOT EXISTS items_path ON items(path);
@@ -23,6 +28,7 @@ CREATE TABLE IF NOT EXISTS report(seq INTEGER PRIMARY KEY AUTOINCREMENT, path TE
 CREATE TABLE IF NOT EXISTS fields(name TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS progress(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+USER_ID_INDEX = "CREATE INDEX IF NOT EXISTS items_user ON items(user_id)"
 
 FILTER_SCALARS = (str, int, float, bool)
 
@@ -37,8 +43,16 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     else:
         con = sqlite3.connect(str(path), check_same_thread=False)
         con.executescript(SCHEMA)
+        if not has_user_id(con):  # an index from before user ids: add the (empty) column
+            con.execute("ALTER TABLE items ADD COLUMN user_id")
+        con.execute(USER_ID_INDEX)
+        con.commit()
     con.row_factory = sqlite3.Row
     return con
+
+
+def has_user_id(con: sqlite3.Connection) -> bool:
+    return any(r[1] == "user_id" for r in con.execute("PRAGMA table_info(items)"))
 
 
 def get_progress(con: sqlite3.Connection) -> dict[str, Any]:
@@ -51,10 +65,11 @@ def set_progress(con: sqlite3.Connection, values: dict[str, Any]) -> None:
 
 
 def insert_items(con: sqlite3.Connection, rows: Iterable[tuple]) -> None:
-    """rows: (id, kind, path, caption, image_id, meta dict, sha256, segment, pos)."""
+    """rows: (id, kind, path, caption, image_id, meta dict, sha256, segment, pos[, user_id])."""
     con.executemany(
-        "INSERT INTO items(id, kind, path, caption, image_id, meta, sha256, segment, pos) VALUES (?,?,?,?,?,?,?,?,?)",
-        [(*r[:5], json.dumps(r[5] or {}), *r[6:]) for r in rows])
+        "INSERT INTO items(id, kind, path, caption, image_id, meta, sha256, segment, pos, user_id) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?)",
+        [(*r[:5], json.dumps(r[5] or {}), *r[6:9], r[9] if len(r) > 9 else None) for r in rows])
 
 
 def add_fields(con: sqlite3.Connection, meta: dict) -> None:
@@ -105,6 +120,7 @@ def item_dict(row: sqlite3.Row) -> dict:
     d = {"id": row["id"], "kind": row["kind"], "metadata": json.loads(row["meta"] or "{}")}
     if row["kind"] == "image":
         d["path"] = row["path"]
+        d["user_id"] = row["user_id"] if "user_id" in row.keys() else None
     else:
         d["caption"] = row["caption"]
         d["image_id"] = row["image_id"]

@@ -261,7 +261,7 @@ def ray_build(cfg: BuildConfig, rc: RayConfig | None = None, encoder=None) -> An
     from encoder.model import checkpoint_digest
 
     from . import metadata
-    from .inputs import read_source
+    from .build import report_inputs, require_images, source_of
     from .manifest import CODEC, META, read_manifest
     from .tokenstore import KINDS, RawKind, TokenCodec
 
@@ -269,7 +269,7 @@ def ray_build(cfg: BuildConfig, rc: RayConfig | None = None, encoder=None) -> An
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise BuildError(f"{out} already exists; pass --overwrite to replace it")
-    source = read_source(cfg.images, cfg.captions, cfg.split)
+    source = source_of(cfg)
     digest = checkpoint_digest(cfg.checkpoint)
     part = partial_dir(out)
     if part.exists():
@@ -283,9 +283,7 @@ def ray_build(cfg: BuildConfig, rc: RayConfig | None = None, encoder=None) -> An
     builder = _Builder(cfg, source, encoder, part)
     for kind in KINDS:
         builder.codecs[kind] = TokenCodec.load(cfg.tokens, encoder.token_dim, part / CODEC[kind])
-    for m in source.missing:
-        metadata.report(con, m["path"], "missing", m["reason"])
-    con.commit()
+    report_inputs(con, source)
     seen: dict[str, tuple[int, str]] = {}
     shard_paths = sorted((part / SHARDS).glob("shard-*.npz"))
     # same codec-training sample as encode_into (the first batches up to codec_train_tokens), then stream
@@ -294,6 +292,11 @@ def ray_build(cfg: BuildConfig, rc: RayConfig | None = None, encoder=None) -> An
     con.close()
     if not rc.keep_shards:
         shutil.rmtree(part / SHARDS)
+    try:
+        require_images(part / META, source)
+    except BuildError:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
     finalize(part, cfg, encoder, source.root, digest, {"encode_seconds": stats["encode_seconds"]})
     publish(part, out)
     return read_manifest(out)

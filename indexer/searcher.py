@@ -8,7 +8,6 @@ same `encoder.similarity` functions training and evaluation use.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,10 +38,11 @@ class Hit:
     local_score: float | None
     kind: str
     metadata: dict = field(default_factory=dict)
-    path: str | None = None
+    path: str | None = None  # the image's path relative to the collection's images folder
     caption: str | None = None
     image_id: int | None = None
     alignment: list[dict] | None = None
+    user_id: str | int | None = None  # the captions file's own id of the image (`--id-field`)
 
 
 @dataclass
@@ -107,6 +107,7 @@ class IndexStore:
         self._local = threading.local()
         con = self._con()
         self.metadata_fields: set[str] = metadata.field_names(con)
+        self.has_user_ids = metadata.has_user_id(con)  # False for an index built before user ids
         self.tables = {k: _KindTable(con, k) for k in KINDS}
         self.segments = [Segment(self.index_dir / s) for s in m.segments]
         self.codecs = {k: TokenCodec.load(m.token_form, m.tokens_dim, self.index_dir / CODEC[k]) for k in KINDS}
@@ -267,27 +268,45 @@ class Searcher(IndexStore):
         return SearchResult(hits, timings, int(len(cand)))
 
     def _hits(self, kind, ids, final, gscore, local) -> list[Hit]:
-        rows = {}
-        if len(ids):
-            q = ",".join("?" * len(ids))
-            con = self._con()
-            for r in con.execute(f"SELECT * FROM items WHERE id IN ({q})", [int(i) for i in ids]):
-                rows[r["id"]] = metadata.item_dict(r)
-            if kind == "caption":
-                img_ids = sorted({d["image_id"] for d in rows.values()})
-                q2 = ",".join("?" * len(img_ids))
-                img_meta = {r["id"]: (json.loads(r["meta"] or "{}"), r["path"]) for r in
-                            con.execute(f"SELECT id, meta, path FROM items WHERE id IN ({q2})", img_ids)}
-                for d in rows.values():
-                    d["metadata"], d["path"] = img_meta.get(d["image_id"], ({}, None))
+        rows = self._items([int(i) for i in ids]) if len(ids) else {}
         hits = []
         for j, i in enumerate(ids):
             d = rows.get(int(i), {})
             hits.append(Hit(id=int(i), score=float(final[j]), global_score=float(gscore[j]),
                             local_score=None if local is None else float(local[j]), kind=kind,
                             metadata=d.get("metadata", {}), path=d.get("path"), caption=d.get("caption"),
-                            image_id=d.get("image_id")))
+                            image_id=d.get("image_id"), user_id=d.get("user_id")))
         return hits
+
+    def _items(self, ids: list[int], live_only: bool = False) -> dict[int, dict]:
+        """Item dicts by id; a caption carries its image's metadata, path and user id; every path
+        is collection-relative (`public_path`)."""
+        con = self._con()
+        q = ",".join("?" * len(ids))
+        live = " AND deleted=0" if live_only else ""
+        rows = {r["id"]: metadata.item_dict(r) for r in con.execute(f"SELECT * FROM items WHERE id IN ({q}){live}", ids)}
+        img_ids = sorted({d["image_id"] for d in rows.values() if d["kind"] == "caption"})
+        if img_ids:
+            q2 = ",".join("?" * len(img_ids))
+            images = {r["id"]: metadata.item_dict(r) for r in
+                      con.execute(f"SELECT * FROM items WHERE id IN ({q2})", img_ids)}
+            for d in rows.values():
+                if d["kind"] == "caption":
+                    im = images.get(d["image_id"], {})
+                    d.update(metadata=im.get("metadata", {}), path=im.get("path"), user_id=im.get("user_id"))
+        for d in rows.values():
+            d["path"] = self.public_path(d.get("path"))
+        return rows
+
+    def public_path(self, stored: str | None) -> str | None:
+        """A stored image path as clients may see it: relative to the images folder, never a
+        server path (an index from before one-rule paths may hold absolute ones: relativised
+        when they lie inside the images folder, else withheld)."""
+        if stored is None or not Path(stored).is_absolute():
+            return stored
+        from .inputs import relative_inside
+
+        return relative_inside(stored, ".", self.manifest.images_root)
 
     def local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
                      query_is_text: bool) -> torch.Tensor:
@@ -340,8 +359,35 @@ class Searcher(IndexStore):
 
     # ------------------------------------------------------------------ items
     def item(self, id: int) -> dict | None:
-        r = self._con().execute("SELECT * FROM items WHERE id=? AND deleted=0", (int(id),)).fetchone()
-        return None if r is None else metadata.item_dict(r)
+        """A live item; an image's dict lists its live captions."""
+        d = self._items([int(id)], live_only=True).get(int(id))
+        if d is not None and d["kind"] == "image":
+            d["captions"] = [r[0] for r in self._con().execute(
+                "SELECT caption FROM items WHERE image_id=? AND kind='caption' AND deleted=0 ORDER BY id", (int(id),))]
+        return d
+
+    def item_by_path(self, path: str) -> dict | None:
+        """The live image stored under `path` (relative to the images folder, as hits give it)."""
+        import posixpath
+
+        name = posixpath.normpath(str(path).strip().replace("\\", "/"))
+        r = self._con().execute("SELECT id FROM items WHERE kind='image' AND deleted=0 AND path=? ORDER BY id LIMIT 1",
+                                (name,)).fetchone()
+        return None if r is None else self.item(r[0])
+
+    def item_by_user_id(self, user_id: str | int) -> dict | None:
+        """The live image (the first, by id) whose captions-file id is `user_id` (a string
+        also matches an integer id written as that string)."""
+        if not self.has_user_ids:
+            raise SearchError("this index was built before user ids were stored: rebuild it (indexer build) "
+                              "to look images up by their id field")
+        keys = [user_id]
+        if isinstance(user_id, str) and user_id.strip().lstrip("-").isdigit():
+            keys.append(int(user_id))
+        q = ",".join("?" * len(keys))
+        r = self._con().execute(f"SELECT id FROM items WHERE user_id IN ({q}) AND kind='image' AND deleted=0 "
+                                "ORDER BY id LIMIT 1", keys).fetchone()
+        return None if r is None else self.item(r[0])
 
     def image_path(self, id: int) -> Path | None:
         """The file of a live image item: only paths the index itself holds, never a caller's."""

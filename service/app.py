@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import Depends, FastAPI, Path as PathParam, Request, Security
+from fastapi import Depends, FastAPI, Path as PathParam, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -185,17 +185,33 @@ def create_app(settings: ServiceSettings | None = None, *, searcher: Any = None,
         return _respond(engine, handle, "image", opts, result, auto, t0)
 
     # --- items and images ------------------------------------------------------------------------
+    @app.get("/items", responses=READ_ERRORS, tags=["items"],
+             summary="The image stored under a collection path, or with a captions-file id")
+    async def find_item(path: str | None = Query(None, min_length=1, max_length=4096,
+                                                 description="path relative to the images folder, as hits give it"),
+                        user_id: str | None = Query(None, min_length=1, max_length=1024,
+                                                    description="the image's id in the captions file"),
+                        _: None = Depends(require_key)) -> dict[str, Any]:
+        if (path is None) == (user_id is None):
+            raise ClientError(422, "give exactly one of the query parameters 'path' and 'user_id'")
+        searcher = engine.handle.searcher
+        try:
+            item = (await engine.run(searcher.item_by_path, path) if path is not None
+                    else await engine.run(searcher.item_by_user_id, user_id))
+        except ValueError as e:  # e.g. an index from before user ids
+            raise ClientError(422, str(e).splitlines()[0]) from None
+        if item is None:
+            raise ClientError(404, f"no image with path {path!r}" if path is not None else f"no image with user_id "
+                                   f"{user_id!r}")
+        return _item_out(item)
+
     @app.get("/items/{item_id}", responses=READ_ERRORS, tags=["items"], summary="One image or caption record")
     async def get_item(item_id: int = PathParam(..., ge=0, le=MAX_ID), _: None = Depends(require_key)
                        ) -> dict[str, Any]:
         item = engine.handle.searcher.item(item_id)
         if item is None:
             raise ClientError(404, f"no item with id {item_id}")
-        # the server-side file path stays private: clients get the URL that serves the file
-        out = {k: _jsonable(v) for k, v in dict(item).items() if k != "path"}
-        image_id = item_id if out.get("kind") == "image" else out.get("image_id")
-        out["image_url"] = f"/images/{image_id}" if isinstance(image_id, int) else None
-        return out
+        return _item_out(item)
 
     @app.get("/images/{image_id}", responses={**READ_ERRORS, 200: {"content": {"image/*": {}}}},
              response_class=FileResponse, tags=["items"], summary="The image file (only files the index holds)")
@@ -436,8 +452,25 @@ def _hit(h: Any, grid: tuple[int, int] | None) -> HitOut:
     return HitOut(id=int(h.id), kind=kind, score=_num(h.score), global_score=_num(getattr(h, "global_score", h.score)),
                   local_score=None if local is None or not _finite(local) else float(local), image_id=image_id,
                   image_url=f"/images/{image_id}" if image_id is not None else None,
-                  caption=getattr(h, "caption", None), metadata=_jsonable(getattr(h, "metadata", None) or {}),
+                  caption=getattr(h, "caption", None), path=_client_path(getattr(h, "path", None)),
+                  user_id=_user_id(getattr(h, "user_id", None)), metadata=_jsonable(getattr(h, "metadata", None) or {}),
                   alignment=cells)
+
+
+def _client_path(p: Any) -> str | None:
+    """A collection-relative path for clients; a server path (absolute) is never sent."""
+    if not isinstance(p, str) or not p or p.startswith(("/", "\\")) or (len(p) > 1 and p[1] == ":"):
+        return None
+    return p
+
+
+def _item_out(item: dict) -> dict[str, Any]:
+    """An item record for clients: collection-relative path, and the URL that serves its image."""
+    out = {k: _jsonable(v) for k, v in dict(item).items()}
+    out["path"] = _client_path(out.get("path"))
+    image_id = out.get("id") if out.get("kind") == "image" else out.get("image_id")
+    out["image_url"] = f"/images/{image_id}" if isinstance(image_id, int) else None
+    return out
 
 
 def _finite(v: Any) -> bool:
@@ -450,6 +483,12 @@ def _finite(v: Any) -> bool:
 def _num(v: Any) -> float:
     """Scores as JSON-safe floats (JSON has no NaN/inf; a non-finite score would be a 500)."""
     return float(v) if _finite(v) else 0.0
+
+
+def _user_id(v: Any) -> str | int | None:
+    if v is None or isinstance(v, (str, int)) and not isinstance(v, bool):
+        return v
+    return str(_jsonable(v))
 
 
 def _opt_int(v: Any) -> int | None:

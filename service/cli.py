@@ -8,8 +8,11 @@ twin (see `service.settings`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import tomllib
 from pathlib import Path
 
 EXIT_USER = 2
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .settings import ConfigFileError
 
+    args = None
     try:
         if argv[:1] == ["demo"]:
             from .demo import demo_main
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_USER, f"invalid setting {where}: {err.get('msg')}")
     except ConfigFileError as e:
         return _fail(EXIT_USER, str(e))
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:  # a config file's syntax
+        where = getattr(args, "config", None) or os.environ.get("SERVICE_CONFIG_FILE") or "the config file"
+        return _fail(EXIT_USER, f"cannot read {where}: {e}")
     return serve(settings)
 
 

@@ -63,10 +63,16 @@ def default_loader(settings: ServiceSettings) -> Loader:
         from indexer.searcher import Searcher
 
         encoder = None
-        if settings.checkpoint is not None:
+        if settings.checkpoint is not None:  # the same model, found elsewhere: never another one
+            from encoder.model import checkpoint_digest
             from encoder.pipeline import Encoder
+            from indexer.manifest import IndexFormatError, read_manifest
 
             encoder = Encoder.from_pretrained(settings.checkpoint, device=settings.device)
+            built_with = read_manifest(index_dir).checkpoint_digest
+            if checkpoint_digest(settings.checkpoint) != built_with:
+                raise IndexFormatError(f"--checkpoint {settings.checkpoint} is not the model {index_dir} was built "
+                                       f"with (checkpoint {built_with[:12]}); rebuild the index with it")
         searcher = Searcher(index_dir, encoder=encoder, device=settings.device)
         runtime = searcher.encoder.set_text_runtime(settings.text_runtime, threads=settings.torch_threads)
         log.info("text queries encoded with %s, up to %d per pass", runtime, settings.encode_batch)

@@ -105,7 +105,7 @@ class FakeSearcher:
                           "col": int(b) % self.encoder.image_backbone.grid[1], "score": float(sim[j, b])}
                          for j, (w, b) in enumerate(zip(words, best))]
             hits.append(Hit(i, score, float(gs[i]), local if mode == "rerank" else None, "image",
-                                dict(self.meta[i]), str(self.paths[i]), None, i, align))
+                                dict(self.meta[i]), self.rel(i), None, i, align, self.user_id(i)))
         hits.sort(key=lambda h: -h.score)
         t3 = time.perf_counter()
         return SearchResult(hits[:k], {"encode": t1 - t0, "faiss": t2 - t1, "rerank": t3 - t2, "total": t3 - t0},
@@ -122,27 +122,44 @@ class FakeSearcher:
         if target == "images":
             s = self.globals @ q
             order = [int(i) for i in np.argsort(-s) if allowed[i]][:k]
-            hits = [Hit(i, float(s[i]), float(s[i]), None, "image", dict(self.meta[i]), str(self.paths[i]),
-                            None, i) for i in order]
+            hits = [Hit(i, float(s[i]), float(s[i]), None, "image", dict(self.meta[i]), self.rel(i),
+                            None, i, None, self.user_id(i)) for i in order]
         else:
             s = np.array([float(self.globals[self.caption_image[c]] @ q) + 0.001 * c
                           for c in range(len(self.captions))])
             order = [int(c) for c in np.argsort(-s) if allowed[self.caption_image[c]]][:k]
             hits = [Hit(10_000 + c, float(s[c]), float(s[c]), None, "caption",
-                            dict(self.meta[self.caption_image[c]]), None, self.captions[c], self.caption_image[c])
+                            dict(self.meta[self.caption_image[c]]), self.rel(self.caption_image[c]), self.captions[c],
+                            self.caption_image[c], None, self.user_id(self.caption_image[c]))
                     for c in order]
         t = time.perf_counter() - t0
         return SearchResult(hits, {"encode": t / 2, "faiss": t / 2, "rerank": 0.0, "total": t},
                           min(candidates, len(hits)) if mode == "rerank" else 0)
 
+    def rel(self, i: int) -> str:
+        """Image i's path as the index stores it: relative to the images folder (`root`)."""
+        return self.paths[i].relative_to(self.root).as_posix()
+
+    def user_id(self, i: int) -> str:
+        return f"{self.tag}-{i}"
+
     def item(self, id: int) -> dict | None:
         if 0 <= id < self.n_images:
-            return {"id": id, "kind": "image", "path": str(self.paths[id]), "metadata": dict(self.meta[id])}
+            return {"id": id, "kind": "image", "path": self.rel(id), "user_id": self.user_id(id),
+                    "metadata": dict(self.meta[id]),
+                    "captions": [c for c, i in zip(self.captions, self.caption_image) if i == id]}
         c = id - 10_000
         if 0 <= c < len(self.captions):
-            return {"id": id, "kind": "caption", "caption": self.captions[c], "image_id": self.caption_image[c],
-                    "metadata": dict(self.meta[self.caption_image[c]])}
+            i = self.caption_image[c]
+            return {"id": id, "kind": "caption", "caption": self.captions[c], "image_id": i, "path": self.rel(i),
+                    "user_id": self.user_id(i), "metadata": dict(self.meta[i])}
         return None
+
+    def item_by_path(self, path: str) -> dict | None:
+        return next((self.item(i) for i in range(self.n_images) if self.rel(i) == path), None)
+
+    def item_by_user_id(self, user_id: str) -> dict | None:
+        return next((self.item(i) for i in range(self.n_images) if self.user_id(i) == str(user_id)), None)
 
     def image_path(self, id: int) -> Path | None:
         return self.paths[id] if 0 <= id < self.n_images else None

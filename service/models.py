@@ -66,6 +66,8 @@ class HitOut(BaseModel):
     image_id: int | None = Field(None, description="image this hit shows (the caption's image for captions)")
     image_url: str | None = None
     caption: str | None = None
+    path: str | None = Field(None, description="the image's file, relative to the collection's images folder")
+    user_id: str | int | None = Field(None, description="the image's id in the captions file (indexer --id-field)")
     metadata: dict[str, Any] = Field(default_factory=dict)
     alignment: list[WordCell] | None = Field(None, description="explain: best image cell per query word")
 

@@ -208,18 +208,32 @@ def create_router_app(settings: RouterSettings, client: httpx.AsyncClient | None
         doc = req.model_dump(exclude_none=True) | {"candidates": cands}
         return JSONResponse(await router.search("/search/image", doc, req.k, cands))
 
+    def global_item(doc: dict, shard: int) -> dict:
+        """A shard's item record with the router's ids (and the URL that reaches its image)."""
+        doc["id"] = router.global_id(shard, doc["id"])
+        if doc.get("image_id") is not None:
+            doc["image_id"] = router.global_id(shard, doc["image_id"])
+        img = doc["id"] if doc.get("kind") == "image" else doc.get("image_id")
+        doc["image_url"] = f"/images/{img}" if img is not None else None
+        return doc
+
+    @app.get("/items")
+    async def find_item(request: Request) -> JSONResponse:
+        """`?path=` / `?user_id=`: asked of every shard; the shard that holds the image answers."""
+        params = dict(request.query_params)
+        answers = await asyncio.gather(*(router.call(s, "GET", "/items", params=params) for s in range(router.n)))
+        for s, r in enumerate(answers):
+            if r.status_code == 200:
+                return JSONResponse(global_item(_json(r), s))
+        r = next((r for r in answers if r.status_code != 404), answers[0])  # a client error over "not found"
+        return JSONResponse(_json(r), status_code=r.status_code)
+
     @app.get("/items/{item_id}")
     async def get_item(item_id: int = PathParam(..., ge=0)) -> JSONResponse:
         shard, local = router.split_id(item_id)
         r = await router.call(shard, "GET", f"/items/{local}")
         doc = _json(r)
-        if r.status_code == 200:
-            doc["id"] = item_id
-            if doc.get("image_id") is not None:
-                doc["image_id"] = router.global_id(shard, doc["image_id"])
-            img = item_id if doc.get("kind") == "image" else doc.get("image_id")
-            doc["image_url"] = f"/images/{img}" if img is not None else None
-        return JSONResponse(doc, status_code=r.status_code)
+        return JSONResponse(global_item(doc, shard) if r.status_code == 200 else doc, status_code=r.status_code)
 
     @app.get("/images/{image_id}")
     async def get_image(image_id: int = PathParam(..., ge=0)) -> Response:

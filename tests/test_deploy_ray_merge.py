@@ -60,7 +60,7 @@ def test_shards_merge_into_the_single_machine_index(messy_collection, tiny_check
     local, merged = tmp_path / "local", tmp_path / "merged"
     assert m.counts == read_manifest(local).counts
     assert rows(merged) == rows(local)
-    assert json.loads((merged / REPORT).read_text())["summary"] == {"skipped": 1, "duplicate": 1, "missing": 0}
+    assert json.loads((merged / REPORT).read_text())["summary"] == {"skipped": 1, "duplicate": 1, "missing": 0, "bad_line": 0}
     from indexer.searcher import Searcher
 
     a, b = Searcher(local), Searcher(merged)

@@ -106,7 +106,8 @@ def test_image_search_multipart_and_base64(client):
 
 def test_items_and_images(client, fake):
     item = client.get("/items/2").json()
-    assert item["kind"] == "image" and item["image_url"] == "/images/2" and "path" not in item
+    assert item["kind"] == "image" and item["image_url"] == "/images/2"
+    assert item["path"] == "images/a2.jpg"  # relative to the collection: the server's own path stays private
     cap = client.get("/items/10001").json()
     assert cap["kind"] == "caption" and cap["image_id"] == 0 and cap["image_url"] == "/images/0"
     r = client.get("/images/2")

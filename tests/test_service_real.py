@@ -114,7 +114,8 @@ def test_image_search_captions_and_images(client, indexes):
 
 def test_items_and_image_files(client, indexes):
     item = client.get("/items/2").json()
-    assert item["kind"] == "image" and item["metadata"]["n"] == 2 and "path" not in item
+    assert item["kind"] == "image" and item["metadata"]["n"] == 2
+    assert item["path"] == "images/img2.jpg"  # collection-relative: the server's own path stays private
     r = client.get("/images/2")
     assert r.status_code == 200 and r.content == (indexes["a"].parent / "col-a" / "images" / "img2.jpg").read_bytes()
     caption_id = client.post("/search/text", json={"query": "dog", "k": 1}).json()["hits"][0]["id"] + 1000

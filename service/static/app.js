@@ -147,6 +147,7 @@ function render(r) {
     showImage(img, hit.image_url);
     img.alt = hit.caption || `image ${hit.image_id}`;
     card.querySelector(".caption").textContent = hit.caption || `#${rank + 1} · image ${hit.image_id}`;
+    showFile(card, hit);
     const local = hit.local_score === null || hit.local_score === undefined ? "" :
       ` · local ${hit.local_score.toFixed(3)}`;
     card.querySelector(".scores").innerHTML =
@@ -173,6 +174,34 @@ function render(r) {
     });
     box.appendChild(card);
   });
+}
+
+// --- which file a hit is, and (on hover) the captions of its image ---------------------------------------
+function fileName(path) {
+  return path ? path.split("/").pop() : "";
+}
+
+function showFile(card, hit) {
+  const file = card.querySelector(".file");
+  file.textContent = fileName(hit.path) + (hit.user_id !== null && hit.user_id !== undefined ? ` · id ${hit.user_id}` : "");
+  file.title = hit.path || "";
+  if (hit.image_id === null || hit.image_id === undefined) return;
+  card.addEventListener("mouseenter", () => loadCaptions(card, hit.image_id), { once: true });
+}
+
+const captionCache = new Map();
+
+async function loadCaptions(card, imageId) {
+  if (!captionCache.has(imageId)) {
+    captionCache.set(imageId, call(`/items/${imageId}`, { headers: headers(false) })
+      .then((item) => item.captions || []).catch(() => []));
+  }
+  const caps = await captionCache.get(imageId);
+  const list = card.querySelector(".hover-caps");
+  list.innerHTML = "";
+  caps.forEach((c) => { const li = document.createElement("li"); li.textContent = c; list.appendChild(li); });
+  list.classList.toggle("loaded", caps.length > 0);
+  card.querySelector("img").title = caps.join("\n");
 }
 
 async function searchText(ev) {
