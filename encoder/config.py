@@ -114,6 +114,9 @@ class ScoreConfig(_Strict):
     # the re-rank weight of a query that lies fully outside the training domain (its
     # `Embeddings.domain` = 0); alpha applies at domain 1, linearly in between. None: alpha for all
     alpha_out: float | None = None
+    # the re-rank weight stays at alpha_out up to this in-domain-ness, then rises linearly to
+    # alpha at domain 1 (0: linear over the whole range)
+    alpha_from: float = Field(0.0, ge=0.0, lt=1.0)
     # word units that never take part in MrSw or the grounding (see `encoder.words`): "none",
     # or "function" = punctuation and function words (stop list + the tokenizer's punctuation)
     word_mask: Literal["none", "function"] = "none"
@@ -122,7 +125,8 @@ class ScoreConfig(_Strict):
         """Per-query re-rank weight from its in-domain-ness (tensor [Q] in [0, 1]) or alpha."""
         if self.alpha_out is None or domain is None:
             return self.alpha
-        return self.alpha_out + (self.alpha - self.alpha_out) * domain
+        ramp = ((domain - self.alpha_from) / (1.0 - self.alpha_from)).clamp(0.0, 1.0)
+        return self.alpha_out + (self.alpha - self.alpha_out) * ramp
 
 
 class LabelRouteConfig(_Strict):

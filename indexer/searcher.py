@@ -175,13 +175,16 @@ class Searcher(IndexStore):
             try:
                 if check_model and checkpoint_digest(m.checkpoint) != m.checkpoint_digest:
                     raise IndexFormatError(f"{self.index_dir} was built with checkpoint {m.checkpoint_digest[:12]}, "
-                                           f"but {m.checkpoint or 'the default model'} is a different one")
+                                           f"but {m.checkpoint or 'the default model'} is a different one: rebuild "
+                                           f"the index with `indexer build` (or serve it with the checkpoint it was "
+                                           f"built with)")
                 encoder = Encoder.from_pretrained(m.checkpoint, device=device)
             except (CheckpointError, FileNotFoundError) as e:
                 raise IndexFormatError(f"cannot load the index's encoder: {e}") from None
         self.encoder = encoder
         if encoder.dim != m.dim:
-            raise IndexFormatError(f"encoder dim {encoder.dim} != index dim {m.dim}")
+            raise IndexFormatError(f"encoder dim {encoder.dim} != index dim {m.dim}: the index was built by "
+                                   f"another model; rebuild it with `indexer build`")
         self.score = encoder.score_config
         self._rerank_cost: float | None = None
 

@@ -142,3 +142,9 @@ def test_encoder_with_route_torch_and_onnx_agree(route_checkpoint):
     assert torch.allclose(got.global_, ref.global_, atol=1e-4)
     assert torch.allclose(got.domain, ref.domain, atol=1e-4)
     assert torch.equal(got.mask, ref.mask)
+
+
+def test_rerank_weight_ramp_starts_at_alpha_from():
+    cfg = ScoreConfig(alpha=0.4, alpha_out=0.0, alpha_from=0.5)
+    a = cfg.alpha_for(torch.tensor([0.0, 0.5, 0.75, 1.0]))
+    assert torch.allclose(a, torch.tensor([0.0, 0.0, 0.2, 0.4]))
