@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 from .config import TrainConfig
+from .data import load_pairs
+
+MIN_STEPS = 150  # `encoder train` without --epochs: at least this many optimizer steps (small collections)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.json"
 
@@ -16,8 +19,14 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = TrainConfig.from_file(args.config)
-    updates = {k: v for k, v in (("out", args.out), ("epochs", args.epochs), ("data", args.data)) if v is not None}
+    updates = {k: v for k, v in (("out", args.out), ("epochs", args.epochs), ("data", args.data),
+                                 ("pairs_file", args.pairs), ("init_from", args.init_from)) if v is not None}
+    if args.data and not args.out:  # a run folder per collection: never resume another collection's run
+        updates["out"] = str(Path("runs") / (Path(args.data).resolve().name or "collection"))
+    if args.epochs is None:  # a small collection's epochs are a few steps each: give it more of them
+        updates["min_steps"] = MIN_STEPS
     cfg = cfg.model_copy(update=updates)
+    load_pairs(cfg.data, cfg.pairs_file)  # a wrong folder or a bad line fails here, before any run folder
     t0 = time.time()
     ckpt = train(cfg)
     print(f"checkpoint written to {ckpt} in {time.time() - t0:.0f} s")
@@ -38,14 +47,16 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                                                 device=args.device)
         source = f"index {args.index} split={args.split or 'all'}"
     else:
-        from .data import load_pairs
+        from .init_from import checkpoint_errors, checkpoint_path
         from .pipeline import Encoder
 
         if not args.data:
             raise ValueError("--data DIR (a folder with images and pairs.jsonl) or --index DIR is required")
-        encoder = Encoder.from_pretrained(args.checkpoint, device=args.device)
-        runtime = encoder.set_text_runtime(args.text_runtime)
         col = load_pairs(args.data, args.pairs, split=args.split)
+        ckpt = checkpoint_path(args.checkpoint or "default")
+        with checkpoint_errors(ckpt):
+            encoder = Encoder.from_pretrained(ckpt, device=args.device)
+        runtime = encoder.set_text_runtime(args.text_runtime)
         images, captions = encode_collection(encoder, col, workers=args.workers)
         caption_image = torch.tensor(col.caption_image)
         stage_one, score = None, encoder.score_config
@@ -69,11 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="cache backbone features, train the heads, write a checkpoint folder")
     t.add_argument("--config", default=str(DEFAULT_CONFIG), help="TrainConfig JSON (default: the default model's)")
     t.add_argument("--out", help="run folder (overrides the config)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--data", help="collection folder (overrides the config)")
+    t.add_argument("--epochs", type=int, help="epochs (default: the config's, more for a small collection)")
+    t.add_argument("--data", help="collection folder (overrides the config); the run folder is then runs/<its name>")
+    t.add_argument("--pairs", help="JSONL file name inside --data, or a path (default: pairs.jsonl)")
+    t.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="fine-tune this checkpoint folder instead of training from scratch ('default': the "
+                        "committed default model)")
     t.set_defaults(func=_train)
     e = sub.add_parser("evaluate", help="R@K, rsum, median rank for global / two-stage / exhaustive search")
-    e.add_argument("--checkpoint", help="checkpoint folder (default: the committed default model)")
+    e.add_argument("--checkpoint", help="checkpoint folder (default or 'default': the committed default model)")
     e.add_argument("--data", help="collection folder with images and a pairs JSONL")
     e.add_argument("--pairs", default="pairs.jsonl", help="JSONL file name inside --data (or a path)")
     e.add_argument("--split", help="only this split (e.g. test); omit for collections without splits")
@@ -99,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CollectionError, CheckpointError, ImageError, FileNotFoundError, ValueError) as e:
-        print(f"encoder {args.cmd}: error: {e}", file=sys.stderr)
+    except (CollectionError, CheckpointError, ImageError, OSError, ValueError) as e:
+        reason = " ".join(str(e).split())  # one line, also for multi-line (pydantic) messages
+        print(f"encoder {args.cmd}: error: {reason}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"encoder {args.cmd}: interrupted", file=sys.stderr)
