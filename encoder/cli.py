@@ -10,7 +10,10 @@ from pathlib import Path
 from .config import TrainConfig
 from .data import load_pairs
 
-MIN_STEPS = 150  # `encoder train` without --epochs: at least this many optimizer steps (small collections)
+# `encoder train` without --epochs: a fine-tune (--init-from) runs FINETUNE_EPOCHS epochs; a run from
+# scratch the config's epochs, raised (at most 4x) to MIN_STEPS optimizer steps on a small collection
+FINETUNE_EPOCHS = 6
+MIN_STEPS = 100
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.json"
 
@@ -23,8 +26,9 @@ def _train(args: argparse.Namespace) -> int:
                                  ("pairs_file", args.pairs), ("init_from", args.init_from)) if v is not None}
     if args.data and not args.out:  # a run folder per collection: never resume another collection's run
         updates["out"] = str(Path("runs") / (Path(args.data).resolve().name or "collection"))
-    if args.epochs is None:  # a small collection's epochs are a few steps each: give it more of them
-        updates["min_steps"] = MIN_STEPS
+    if args.epochs is None:  # fine-tunes converge in a few epochs; a small collection's are a few steps each
+        fine_tune = args.init_from or cfg.init_from
+        updates.update({"epochs": FINETUNE_EPOCHS} if fine_tune else {"min_steps": MIN_STEPS})
     cfg = cfg.model_copy(update=updates)
     load_pairs(cfg.data, cfg.pairs_file)  # a wrong folder or a bad line fails here, before any run folder
     t0 = time.time()
@@ -106,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: Exception) -> str:
+    """The reason on one line: multi-line messages (pydantic's) joined; for an error re-raised
+    from a DataLoader worker, whose message carries the worker's traceback, its last line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data import CollectionError
@@ -115,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CollectionError, CheckpointError, ImageError, OSError, ValueError) as e:
-        reason = " ".join(str(e).split())  # one line, also for multi-line (pydantic) messages
-        print(f"encoder {args.cmd}: error: {reason}", file=sys.stderr)
+        print(f"encoder {args.cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"encoder {args.cmd}: interrupted", file=sys.stderr)
