@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -90,7 +91,7 @@ def main() -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     pairs, counts = _held_out_copy(data, work)
-    started = time.time()
+    started, load_start = time.time(), os.getloadavg()[0]
     default = _evaluate(data, "default", work / "eval_default.json")
     runs = {}
     for name, extra in (("finetune", ["--init-from", "default"]), ("scratch", [])):
@@ -101,7 +102,8 @@ def main() -> int:
     cmd = f"nice -n 10 .venv/bin/python bench/bench_own_collection.py --data {args.data}"
     n = default["images"], default["captions"]
     body = [
-        f"Machine: {machine()}. Command: `{cmd}` ({total / 60:.1f} min in all).",
+        f"Machine: {machine()}. Command: `{cmd}` ({total / 60:.1f} min in all; 1-min load average "
+        f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: other jobs shared the cores).",
         "",
         f"Collection `{data}`: {counts.get('train', 0)} train, {counts.get('val', 0)} val, {counts.get('test', 0)} "
         f"test photos. Held out: the test part ({n[0]} photos x {n[1]} captions), which no run trains, selects or "

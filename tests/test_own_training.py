@@ -138,7 +138,7 @@ def test_init_from_starts_every_trained_tensor_at_the_checkpoint(tmp_path, monke
     monkeypatch.setattr(train_mod, "param_groups", record_groups)
     monkeypatch.setattr(train_mod, "train_pooled_towers", record_towers)
     data = own_collection(tmp_path / "mine", 60)
-    cfg = tiny_train_config(data, tmp_path, pooled=0, epochs=2, init_from=str(source_path))
+    cfg = tiny_train_config(data, tmp_path, pooled=0, epochs=2, init_from=str(source_path), finetune_lr_scale=0.5)
     tuned = TGDTModel.from_pretrained(train_mod.train(cfg, progress=False))
     # the TGDT branches start at the checkpoint's tensors, all of them
     heads = {k: v for k, v in source.items() if ".pooled_global." not in k}
@@ -148,7 +148,7 @@ def test_init_from_starts_every_trained_tensor_at_the_checkpoint(tmp_path, monke
     for side, tower in zip(("image_head", "text_head"), seen["towers"]):
         assert all(torch.equal(v, source[f"{side}.pooled_global.{k}"]) for k, v in tower.items())
     assert tuned.config.pooled_global == 16  # the run's config asked for none: the checkpoint's wins
-    assert seen["lr"] == pytest.approx(cfg.lr * cfg.finetune_lr_scale)
+    assert seen["lr"] == pytest.approx(cfg.lr * 0.5)
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert [h["epoch"] for h in log["history"]] == [0, 1, 2]  # the checkpoint as it is competes on val
     assert log["init_from"] == str(source_path) and log["pooled_global"]["history"][0]["epoch"] == 0
