@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="cache backbone features, train the heads, write a checkpoint folder")
     t.add_argument("--config", default=str(DEFAULT_CONFIG), help="TrainConfig JSON (default: the default model's)")
     t.add_argument("--out", help="run folder (overrides the config)")
-    t.add_argument("--epochs", type=int, help="epochs (default: the config's, more for a small collection)")
+    t.add_argument("--epochs", type=int, help=f"epochs (default: {FINETUNE_EPOCHS} with --init-from; otherwise the "
+                   f"config's, raised to {MIN_STEPS} steps on a small collection)")
     t.add_argument("--data", help="collection folder (overrides the config); the run folder is then runs/<its name>")
     t.add_argument("--pairs", help="JSONL file name inside --data, or a path (default: pairs.jsonl)")
     t.add_argument("--init-from", metavar="CHECKPOINT",
