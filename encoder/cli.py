@@ -8,6 +8,12 @@ import time
 from pathlib import Path
 
 from .config import TrainConfig
+from .data import load_pairs
+
+# `encoder train` without --epochs: a fine-tune (--init-from) runs FINETUNE_EPOCHS epochs; a run from
+# scratch the config's epochs, raised (at most 4x) to MIN_STEPS optimizer steps on a small collection
+FINETUNE_EPOCHS = 6
+MIN_STEPS = 100
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.json"
 
@@ -16,8 +22,15 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = TrainConfig.from_file(args.config)
-    updates = {k: v for k, v in (("out", args.out), ("epochs", args.epochs), ("data", args.data)) if v is not None}
+    updates = {k: v for k, v in (("out", args.out), ("epochs", args.epochs), ("data", args.data),
+                                 ("pairs_file", args.pairs), ("init_from", args.init_from)) if v is not None}
+    if args.data and not args.out:  # a run folder per collection: never resume another collection's run
+        updates["out"] = str(Path("runs") / (Path(args.data).resolve().name or "collection"))
+    if args.epochs is None:  # fine-tunes converge in a few epochs; a small collection's are a few steps each
+        fine_tune = args.init_from or cfg.init_from
+        updates.update({"epochs": FINETUNE_EPOCHS} if fine_tune else {"min_steps": MIN_STEPS})
     cfg = cfg.model_copy(update=updates)
+    load_pairs(cfg.data, cfg.pairs_file)  # a wrong folder or a bad line fails here, before any run folder
     t0 = time.time()
     ckpt = train(cfg)
     print(f"checkpoint written to {ckpt} in {time.time() - t0:.0f} s")
@@ -38,14 +51,16 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                                                 device=args.device)
         source = f"index {args.index} split={args.split or 'all'}"
     else:
-        from .data import load_pairs
+        from .init_from import checkpoint_errors, checkpoint_path
         from .pipeline import Encoder
 
         if not args.data:
             raise ValueError("--data DIR (a folder with images and pairs.jsonl) or --index DIR is required")
-        encoder = Encoder.from_pretrained(args.checkpoint, device=args.device)
-        runtime = encoder.set_text_runtime(args.text_runtime)
         col = load_pairs(args.data, args.pairs, split=args.split)
+        ckpt = checkpoint_path(args.checkpoint or "default")
+        with checkpoint_errors(ckpt):
+            encoder = Encoder.from_pretrained(ckpt, device=args.device)
+        runtime = encoder.set_text_runtime(args.text_runtime)
         images, captions = encode_collection(encoder, col, workers=args.workers)
         caption_image = torch.tensor(col.caption_image)
         stage_one, score = None, encoder.score_config
@@ -79,11 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="cache backbone features, train the heads, write a checkpoint folder")
     t.add_argument("--config", default=str(DEFAULT_CONFIG), help="TrainConfig JSON (default: the default model's)")
     t.add_argument("--out", help="run folder (overrides the config)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--data", help="collection folder (overrides the config)")
+    t.add_argument("--epochs", type=int, help=f"epochs (default: {FINETUNE_EPOCHS} with --init-from; otherwise the "
+                   f"config's, raised to {MIN_STEPS} steps on a small collection)")
+    t.add_argument("--data", help="collection folder (overrides the config); the run folder is then runs/<its name>")
+    t.add_argument("--pairs", help="JSONL file name inside --data, or a path (default: pairs.jsonl)")
+    t.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="fine-tune this checkpoint folder instead of training from scratch ('default': the "
+                        "committed default model)")
     t.set_defaults(func=_train)
     e = sub.add_parser("evaluate", help="R@K, rsum, median rank for global / two-stage / exhaustive search")
-    e.add_argument("--checkpoint", help="checkpoint folder (default: the committed default model)")
+    e.add_argument("--checkpoint", help="checkpoint folder (default or 'default': the committed default model)")
     e.add_argument("--data", help="collection folder with images and a pairs JSONL")
     e.add_argument("--pairs", default="pairs.jsonl", help="JSONL file name inside --data (or a path)")
     e.add_argument("--split", help="only this split (e.g. test); omit for collections without splits")
@@ -111,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: Exception) -> str:
+    """The reason on one line: multi-line messages (pydantic's) joined; for an error re-raised
+    from a DataLoader worker, whose message carries the worker's traceback, its last line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data import CollectionError
@@ -119,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CollectionError, CheckpointError, ImageError, FileNotFoundError, ValueError) as e:
-        print(f"encoder {args.cmd}: error: {e}", file=sys.stderr)
+    except (CollectionError, CheckpointError, ImageError, OSError, ValueError) as e:
+        print(f"encoder {args.cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"encoder {args.cmd}: interrupted", file=sys.stderr)

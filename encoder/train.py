@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,12 @@ from .data import load_pairs
 from .evaluate import evaluate_embeddings, exact_stage_one, markdown_table, stage_two_inputs
 from .features import cache_complete, cache_image_tokens, cache_name, cache_text_hidden, cache_text_tokens, load_cached
 from .heads import Embeddings
+from .init_from import branches_and_towers, finetune_config, load_source, with_word_mask
 from .loss import cmc_loss
 from .model import TGDTModel
 from .protocol import ranks_two_stage, recall_table
 from .similarity import fuse
+from .small_collections import SplitPlan, TooFewPairs, batch_size_for, epochs_for, plan_split
 from .train_pooled import pooled_inputs, train_pooled_towers
 from .words import caption_content
 
@@ -56,6 +58,7 @@ class Features:
     text_words: torch.Tensor | None = None  # [M, max_tokens + 2] bool
     image_dim: int | None = None  # the backbone's cell width (what the head sees); None = image_tokens' width
     text_content: torch.Tensor | None = None  # [M, max_tokens] bool: content words (model.score.word_mask)
+    image_names: list[str] = field(default_factory=list)  # per image, its path in the collection
 
     @property
     def image_out_dim(self) -> int:
@@ -102,7 +105,7 @@ def prepare_features(cfg: TrainConfig) -> Features:
         image_tokens=torch.from_numpy(im["tokens"]), image_ok=torch.from_numpy(im["ok"]),
         text_tokens=None, text_lengths=torch.zeros(0, dtype=torch.long),
         caption_image=torch.tensor(col.caption_image), split=[m.get("split", "") for m in col.meta], grid=grid,
-        image_dim=image_dim,
+        image_dim=image_dim, image_names=list(col.images),
     )
     del im
     return _with_text(feats, cfg, col.captions, cache)
@@ -135,27 +138,16 @@ def _with_text(feats: Features, cfg: TrainConfig, captions: list[str], cache: Pa
     return feats
 
 
-def start_from(model: TGDTModel, checkpoint: str) -> None:
-    """Start training from a checkpoint's weights (`init_from`: a folder, or "default"): every
-    tensor the two models share by name and shape; the pooled towers are trained afresh later,
-    since the image top they read from moves while training."""
-    src = TGDTModel.from_pretrained(None if checkpoint == "default" else checkpoint)
-    own = model.state_dict()
-    shared = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape}
-    if not shared:
-        raise ValueError(f"{checkpoint}: no weights in common with the model being trained")
-    model.load_state_dict(shared, strict=False)
-
-
 def split_items(feats: Features, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image ids of a split, their caption ids, and caption->local image position."""
     imgs = [i for i, s in enumerate(feats.split) if s == split and bool(feats.image_ok[i])]
     if limit:
         imgs = imgs[:limit]
     pos = torch.full((len(feats.split),), -1, dtype=torch.long)
-    pos[torch.tensor(imgs)] = torch.arange(len(imgs))
+    imgs = torch.tensor(imgs, dtype=torch.long)
+    pos[imgs] = torch.arange(len(imgs))
     caps = torch.nonzero(pos[feats.caption_image] >= 0).squeeze(1)
-    return torch.tensor(imgs), caps, pos[feats.caption_image[caps]]
+    return imgs, caps, pos[feats.caption_image[caps]]
 
 
 def captions_by_image(imgs: torch.Tensor, caps: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -303,8 +295,9 @@ def _load_state(state_dir: Path, model: TGDTModel, opt: torch.optim.Optimizer) -
 
 def _add_pooled_global(model: TGDTModel, feats: Features, cfg: TrainConfig, tr_imgs: torch.Tensor,
                        caps_of: list[torch.Tensor], val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                       progress: bool) -> dict:
-    """Train the pooled global towers on the trained model's pooled backbone outputs, attach them."""
+                       progress: bool, batch_size: int, init: tuple | None = None) -> dict:
+    """Train the pooled global towers on the trained model's pooled backbone outputs, attach
+    them. `init`: towers to fine-tune (from `--init-from`) instead of new ones."""
     started = time.time()
     va_imgs, va_caps, va_pos = val
     imgs, caps = torch.cat([tr_imgs, va_imgs]), torch.cat([*caps_of, va_caps])
@@ -316,47 +309,89 @@ def _add_pooled_global(model: TGDTModel, feats: Features, cfg: TrainConfig, tr_i
     image, text, log = train_pooled_towers(
         image_x, text_x, tr_imgs, caps_of, va_imgs, va_caps, va_pos, hidden=cfg.model.pooled_global,
         dim=cfg.model.embed_dim, epochs=cfg.pooled_epochs, lr=cfg.pooled_lr, weight_decay=cfg.weight_decay,
-        batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+        batch_size=batch_size, seed=cfg.seed, progress=progress, init=init)
     model.attach_pooled_global(image, text)
     return {**log, "inputs_seconds": round(inputs_s, 1)}
+
+
+def _val_rsums(model: TGDTModel, feats: Features, cfg: TrainConfig,
+               val: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[float, float, float]:
+    """The per-epoch model selection on val: global rsum, two-stage rsum at select_k, its alpha."""
+    va_imgs, va_caps, va_pos = val
+    ims, txs = embed_split(model, feats, va_imgs, va_caps)
+    score, table = calibrate_score(ims, txs, va_pos, cfg.select_k, cfg.model.score.local_reduce,
+                                   alphas=(0.0, 0.3, 0.5, 0.7))
+    res = evaluate_embeddings(ims, txs, va_pos, score, k=cfg.rerank_k, modes=("global",))
+    return res["global"]["rsum"], table[score.alpha], score.alpha
+
+
+def _split_for_training(feats: Features, cfg: TrainConfig) -> SplitPlan:
+    """Give every usable photo its part (train / val), carving val when the collection has none."""
+    has_caption = torch.zeros(len(feats.split), dtype=torch.bool)
+    has_caption[feats.caption_image] = True
+    usable = (feats.image_ok.bool() & has_caption).tolist()
+    names = feats.image_names or [str(i) for i in range(len(feats.split))]
+    plan = plan_split(names, feats.split, usable, cfg.train_split, cfg.val_split)
+    feats.split = plan.splits
+    print(plan.describe(), flush=True)
+    return plan
 
 
 def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True) -> Path:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    source = load_source(cfg.init_from) if cfg.init_from else None
+    if source is not None:  # the checkpoint's architecture; the config file keeps the unscaled lrs
+        cfg = cfg.model_copy(update={"model": with_word_mask(source.config, cfg.model)})
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+    if source is not None:
+        cfg = finetune_config(cfg, source)
     cache_started = time.time()
     feats = feats or prepare_features(cfg)
     cache_seconds = round(time.time() - cache_started, 1)  # ~0 when the caches already exist
+    plan = _split_for_training(feats, cfg)
     tr_imgs, tr_caps, tr_pos = split_items(feats, cfg.train_split, cfg.max_train_images)
     va_imgs, va_caps, va_pos = split_items(feats, cfg.val_split, cfg.max_val_images)
     if len(tr_imgs) < 2 or len(va_imgs) < 1:
-        raise ValueError(f"need train and val images; got {len(tr_imgs)} train, {len(va_imgs)} val")
+        raise TooFewPairs(f"need train and val images; got {len(tr_imgs)} train, {len(va_imgs)} val")
+    val = (va_imgs, va_caps, va_pos)
     tr_imgs, caps_of = captions_by_image(tr_imgs, tr_caps, tr_pos)
-    bs = min(cfg.batch_size, len(tr_imgs))
+    bs = batch_size_for(len(tr_imgs), cfg.batch_size)
 
     torch.manual_seed(cfg.seed)
-    model = TGDTModel(cfg.model.without_pooled_global(), image_dim=feats.image_out_dim, text_dim=feats.text_dim,
-                      image_grid=feats.grid)
-    if cfg.init_from:
-        start_from(model, cfg.init_from)
+    towers = None
+    if source is not None:
+        model, towers = branches_and_towers(source)
+    else:
+        model = TGDTModel(cfg.model.without_pooled_global(), image_dim=feats.image_out_dim, text_dim=feats.text_dim,
+                          image_grid=feats.grid)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
     clusters = image_clusters(feats, tr_imgs, cfg.hard_clusters, cfg.seed) if cfg.hard_block else None
     batches = lambda gen: epoch_batches(tr_imgs, caps_of, bs, gen, cfg.captions_per_epoch, clusters, cfg.hard_block)
     steps_per_epoch = sum(1 for _ in batches(torch.Generator().manual_seed(0)))
-    total = steps_per_epoch * cfg.epochs
+    epochs = epochs_for(cfg.epochs, steps_per_epoch, cfg.min_steps)
+    if (bs, epochs) != (cfg.batch_size, cfg.epochs):
+        print(f"{len(tr_imgs)} train photos: batch size {bs}, {epochs} epochs of {steps_per_epoch} steps", flush=True)
+    total = steps_per_epoch * epochs
     state_dir = out / "state"
     meta = {"epoch": 0, "best_rsum": -1.0, "history": []}
     if (state_dir / "state.json").is_file():
         meta = _load_state(state_dir, model, opt)
         print(f"resuming after epoch {meta['epoch']}")
+    elif source is not None:  # epoch 0: the checkpoint as it is competes in the selection
+        g, rsum, alpha = _val_rsums(model, feats, cfg, val)
+        meta["history"].append({"epoch": 0, "global": g, "two_stage": rsum, "alpha": alpha, "seconds": 0.0})
+        meta["best_rsum"], meta["best_epoch"] = rsum, 0
+        model.save_pretrained(out / "best")
+        print(f"epoch 0 ({cfg.init_from}): val rsum global {g:.1f} two-stage {rsum:.1f} (alpha {alpha})", flush=True)
+    meta.update(init_from=cfg.init_from, data_split=plan.log(), batch_size=bs, epochs=epochs)
     started = time.time() - meta.get("seconds", 0.0)
-    for epoch in range(meta["epoch"], cfg.epochs):
+    for epoch in range(meta["epoch"], epochs):
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        bar = tqdm(batches(gen), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = tqdm(batches(gen), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}",
                    disable=not progress, unit="step")
         step = epoch * steps_per_epoch
         for img_idx, cap_idx in bar:
@@ -373,15 +408,10 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
             opt.step()
             step += 1
             bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
-        ims, txs = embed_split(model, feats, va_imgs, va_caps)
-        score, table = calibrate_score(ims, txs, va_pos, cfg.select_k, cfg.model.score.local_reduce,
-                                       alphas=(0.0, 0.3, 0.5, 0.7))
-        res = evaluate_embeddings(ims, txs, va_pos, score, k=cfg.rerank_k, modes=("global",))
-        rsum = table[score.alpha]
-        meta["history"].append({"epoch": epoch + 1, "global": res["global"]["rsum"], "two_stage": rsum,
-                                "alpha": score.alpha, "seconds": round(time.time() - started, 1)})
-        print(f"epoch {epoch + 1}: val rsum global {res['global']['rsum']:.1f} two-stage {rsum:.1f} (alpha {score.alpha})",
-              flush=True)
+        g, rsum, alpha = _val_rsums(model, feats, cfg, val)
+        meta["history"].append({"epoch": epoch + 1, "global": g, "two_stage": rsum,
+                                "alpha": alpha, "seconds": round(time.time() - started, 1)})
+        print(f"epoch {epoch + 1}: val rsum global {g:.1f} two-stage {rsum:.1f} (alpha {alpha})", flush=True)
         if rsum > meta["best_rsum"]:
             meta["best_rsum"], meta["best_epoch"] = rsum, epoch + 1
             model.save_pretrained(out / "best")
@@ -390,8 +420,7 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
     # final: best epoch, fused score calibrated on val with a finer alpha grid
     best = TGDTModel.from_pretrained(out / "best")
     if cfg.model.pooled_global:
-        meta["pooled_global"] = _add_pooled_global(best, feats, cfg, tr_imgs, caps_of, (va_imgs, va_caps, va_pos),
-                                                   progress)
+        meta["pooled_global"] = _add_pooled_global(best, feats, cfg, tr_imgs, caps_of, val, progress, bs, towers)
     ims, txs = embed_split(best, feats, va_imgs, va_caps)
     score, table = calibrate_score(ims, txs, va_pos, cfg.rerank_k, cfg.model.score.local_reduce)
     best.config = best.config.model_copy(update={"score": score})

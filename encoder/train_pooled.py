@@ -53,26 +53,31 @@ def global_rsum(images: torch.Tensor, captions: torch.Tensor, caption_image: tor
 def train_pooled_towers(image_x: torch.Tensor, text_x: torch.Tensor, train_images: torch.Tensor,
                         caps_of: list[torch.Tensor], val_images: torch.Tensor, val_caps: torch.Tensor,
                         val_pos: torch.Tensor, hidden: int, dim: int, epochs: int, lr: float, weight_decay: float,
-                        batch_size: int, seed: int, progress: bool = True) -> tuple[PooledTower, PooledTower, dict]:
+                        batch_size: int, seed: int, progress: bool = True,
+                        init: tuple[PooledTower, PooledTower] | None = None) -> tuple[PooledTower, PooledTower, dict]:
     """Towers on pooled inputs (rows of image_x / text_x, indexed by image / caption id); the
-    best epoch's by val global rsum, and a log of every epoch."""
+    best epoch's by val global rsum, and a log of every epoch. `init`: towers to fine-tune
+    (copied, their input statistics kept), which then compete as epoch 0."""
     from .train import epoch_batches  # the TGDT trainer's batching: each image at most once per batch
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tr_caps = torch.cat(caps_of)
-    towers = torch.nn.ModuleList([PooledTower(image_x.shape[1], hidden, dim), PooledTower(text_x.shape[1], hidden, dim)])
-    towers[0].set_statistics(image_x[train_images])
-    towers[1].set_statistics(text_x[tr_caps])
+    if init is not None:
+        towers = copy.deepcopy(torch.nn.ModuleList(init))
+    else:
+        towers = torch.nn.ModuleList([PooledTower(image_x.shape[1], hidden, dim), PooledTower(text_x.shape[1], hidden, dim)])
+        towers[0].set_statistics(image_x[train_images])
+        towers[1].set_statistics(text_x[tr_caps])
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     opt = torch.optim.AdamW([*towers.parameters(), logit_scale], lr=lr, weight_decay=weight_decay)
     bs = min(batch_size, len(train_images))
     steps = sum(1 for _ in epoch_batches(train_images, caps_of, bs, torch.Generator().manual_seed(0)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps * epochs))
     best, history, started = None, [], time.time()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(0 if init is not None else 1, epochs + 1):
         towers.train()
-        for img, cap in epoch_batches(train_images, caps_of, bs, gen):
+        for img, cap in epoch_batches(train_images, caps_of, bs, gen) if epoch else ():
             logits = logit_scale.exp().clamp(max=100) * towers[1](text_x[cap]) @ towers[0](image_x[img]).T
             labels = torch.arange(len(img))
             loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
