@@ -49,7 +49,10 @@ def load_source(name: str) -> TGDTModel:
 
 def with_word_mask(source: ModelConfig, requested: ModelConfig) -> ModelConfig:
     """The source's architecture, with the training config's word mask when it sets one (a
-    fine-tune may teach the token branch to work on content words only)."""
+    fine-tune may teach the token branch to work on content words only), and without the
+    source's label route: its fusion was fitted to the source's global space and the user's
+    own captions now define the domain (`encoder fit-route` can add a route again)."""
+    source = source.model_copy(update={"label_route": None})
     if "word_mask" not in requested.score.model_fields_set:
         return source
     return source.model_copy(update={"score": source.score.model_copy(
@@ -66,9 +69,10 @@ def finetune_config(cfg: TrainConfig, source: TGDTModel) -> TrainConfig:
 def branches_and_towers(source: TGDTModel) -> tuple[TGDTModel, tuple[PooledTower, PooledTower] | None]:
     """The source split into what the TGDT epochs train (a model without pooled towers,
     holding the source's weights) and its towers (None when it has none)."""
-    model = TGDTModel(source.config.without_pooled_global(), source.image_dim, source.text_dim, source.image_grid,
-                      pretrained_tops=False)
-    model.load_state_dict({k: v for k, v in source.state_dict().items() if TOWER_KEY not in k})
+    config = source.config.without_pooled_global().model_copy(update={"label_route": None})
+    model = TGDTModel(config, source.image_dim, source.text_dim, source.image_grid, pretrained_tops=False)
+    model.load_state_dict({k: v for k, v in source.state_dict().items()
+                           if TOWER_KEY not in k and not k.startswith("label_route.")})
     towers = None
     if source.image_head.pooled_global is not None:
         towers = (source.image_head.pooled_global, source.text_head.pooled_global)

@@ -423,6 +423,7 @@ def train(cfg: TrainConfig, feats: Features | None = None, progress: bool = True
         meta["pooled_global"] = _add_pooled_global(best, feats, cfg, tr_imgs, caps_of, val, progress, bs, towers)
     ims, txs = embed_split(best, feats, va_imgs, va_caps)
     score, table = calibrate_score(ims, txs, va_pos, cfg.rerank_k, cfg.model.score.local_reduce)
+    score = score.model_copy(update={"word_mask": cfg.model.score.word_mask})  # what the tokens were trained with
     best.config = best.config.model_copy(update={"score": score})
     ckpt = best.save_pretrained(out / "checkpoint")
     res = evaluate_embeddings(ims, txs, va_pos, score, k=cfg.rerank_k, modes=("global", "two_stage"))
