@@ -74,13 +74,13 @@ def _fit_route(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from .confidence import calibrate
+    from .confidence import calibrate, platt_text
 
     t0 = time.time()
     summary = calibrate(args.checkpoint, args.data, args.split, args.extra or [], device=args.device,
                         workers=args.workers)
     for mode, s in summary.items():
-        print(f"{mode}: confidence = sigmoid({s['a']:.4f} * score + {s['b']:.4f}) from {s['results']} results "
+        print(f"{mode}: confidence = sigmoid({platt_text(s['a'], s['b'])}) from {s['results']} results "
               f"({s['matches']} matches)")
     print(f"written to {Path(args.checkpoint) / 'config.json'} in {time.time() - t0:.0f} s "
           "(the checkpoint digest changed: rebuild indexes built from it)")

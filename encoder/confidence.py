@@ -36,6 +36,11 @@ def confidence(scores: torch.Tensor, ab: tuple[float, float] | None) -> torch.Te
     return torch.sigmoid(ab[0] * scores.double() + ab[1]).float()
 
 
+def platt_text(a: float, b: float) -> str:
+    """`a * score + b` for people: "1.3654 * score - 4.7283"."""
+    return f"{a:.4f} * score {'-' if b < 0 else '+'} {abs(b):.4f}"
+
+
 def fit_platt(scores: torch.Tensor, labels: torch.Tensor, iters: int = 50) -> tuple[float, float]:
     """1-D logistic regression of `labels` (0/1) on `scores` by Newton's method, with Platt's
     smoothed targets (so perfectly separated data still gives a finite slope)."""
