@@ -1,4 +1,4 @@
-"""`encoder train` and `encoder evaluate`: thin argument parsing over train.py / evaluate.py."""
+"""`encoder train`, `evaluate`, `fit-route`, `calibrate-confidence`: thin argument parsing over their modules."""
 from __future__ import annotations
 
 import argparse
@@ -88,6 +88,20 @@ def _fit_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from .confidence import calibrate, platt_text
+
+    t0 = time.time()
+    summary = calibrate(args.checkpoint, args.data, args.split, args.extra or [], device=args.device,
+                        workers=args.workers)
+    for mode, s in summary.items():
+        print(f"{mode}: confidence = sigmoid({platt_text(s['a'], s['b'])}) from {s['results']} results "
+              f"({s['matches']} matches)")
+    print(f"written to {Path(args.checkpoint) / 'config.json'} in {time.time() - t0:.0f} s "
+          "(the checkpoint digest changed: rebuild indexes built from it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="encoder", description="Train and evaluate the TGDT image-text encoder.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -128,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--route-from", help="reuse this checkpoint's route (class vectors, banks, weights) and refit "
                                         "only the fused score: for a retrained model of the same backbones")
     r.set_defaults(func=_fit_route)
+    c = sub.add_parser("calibrate-confidence",
+                       help="fit each hit's confidence (Platt scaling of the score, per mode) on val matches and "
+                            "store it in the checkpoint's config.json, in place: this changes the checkpoint "
+                            "digest, so indexes built from it must be rebuilt")
+    c.add_argument("--checkpoint", required=True, help="checkpoint folder, rewritten in place (score section)")
+    c.add_argument("--data", default="../shared/data/flickr8k", help="collection folder with images and pairs.jsonl")
+    c.add_argument("--split", default="val", help="split the fit reads, in --data and every --extra collection")
+    c.add_argument("--extra", nargs="*", help="more collections whose split joins the fit (e.g. out-of-domain ones)")
+    c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    c.add_argument("--workers", type=int, default=1, help="image decoding workers")
+    c.set_defaults(func=_calibrate)
     return p
 
 

@@ -120,6 +120,11 @@ class ScoreConfig(_Strict):
     # word units that never take part in MrSw or the grounding (see `encoder.words`): "none",
     # or "function" = punctuation and function words (stop list + the tokenizer's punctuation)
     word_mask: Literal["none", "function"] = "none"
+    # calibrated confidence of a hit = sigmoid(a * score + b), (a, b) per search mode: the fused
+    # score in re-rank mode, the global score in global mode; fitted on validation matches by
+    # `encoder calibrate-confidence` (`encoder.confidence`). None: no confidence
+    confidence_rerank: tuple[float, float] | None = None
+    confidence_global: tuple[float, float] | None = None
 
     def alpha_for(self, domain):
         """Per-query re-rank weight from its in-domain-ness (tensor [Q] in [0, 1]) or alpha."""

@@ -43,6 +43,9 @@ class Hit:
     image_id: int | None = None
     alignment: list[dict] | None = None
     user_id: str | int | None = None  # the captions file's own id of the image (`--id-field`)
+    # calibrated probability that the hit matches the query (`encoder.confidence`); None for
+    # image->image search and for a checkpoint without a calibration
+    confidence: float | None = None
 
 
 @dataclass
@@ -214,7 +217,7 @@ class Searcher(IndexStore):
         """Search from a precomputed single-item `Embeddings` query (`query_kind` "text"/"image").
 
         Image->image has no calibrated local score (the fusion statistics are for caption-image
-        pairs), so it ranks by the global score whatever the mode.
+        pairs), so it ranks by the global score whatever the mode, and its hits carry no confidence.
         """
         t_start = time.perf_counter()
         if mode not in MODES:
@@ -263,14 +266,22 @@ class Searcher(IndexStore):
             final = gscore
         order = torch.argsort(final, descending=True, stable=True)[:k].numpy()
         timings["rerank"] = time.perf_counter() - t0
+        conf = self.confidences(final[order], "rerank" if rerank else "global") if cross else None
         hits = self._hits(kind, cand[order], final[order], gscore[order],
-                          None if local is None else local[order])
+                          None if local is None else local[order], conf)
         if explain and hits:
             self._explain(hits, query, query_kind, kind, words)
         timings["total"] = encode_seconds + time.perf_counter() - t_start
         return SearchResult(hits, timings, int(len(cand)))
 
-    def _hits(self, kind, ids, final, gscore, local) -> list[Hit]:
+    def confidences(self, scores: torch.Tensor, mode: str) -> torch.Tensor | None:
+        """Calibrated confidence of final scores of a caption-image search in `mode`, or None
+        when the checkpoint has no calibration for it."""
+        from encoder.confidence import calibration, confidence
+
+        return confidence(scores, calibration(self.score, mode))
+
+    def _hits(self, kind, ids, final, gscore, local, conf=None) -> list[Hit]:
         rows = self._items([int(i) for i in ids]) if len(ids) else {}
         hits = []
         for j, i in enumerate(ids):
@@ -278,7 +289,8 @@ class Searcher(IndexStore):
             hits.append(Hit(id=int(i), score=float(final[j]), global_score=float(gscore[j]),
                             local_score=None if local is None else float(local[j]), kind=kind,
                             metadata=d.get("metadata", {}), path=d.get("path"), caption=d.get("caption"),
-                            image_id=d.get("image_id"), user_id=d.get("user_id")))
+                            image_id=d.get("image_id"), user_id=d.get("user_id"),
+                            confidence=None if conf is None else float(conf[j])))
         return hits
 
     def _items(self, ids: list[int], live_only: bool = False) -> dict[int, dict]:

@@ -49,6 +49,7 @@ from .models import (
     TextSearchRequest,
     Timings,
     WordCell,
+    confident,
 )
 from .settings import ServiceSettings
 
@@ -423,7 +424,8 @@ def _respond(engine: Engine, handle: IndexHandle, endpoint: str, opts: SearchOpt
     if opts.mode == "rerank" and used > 0 and timings.get("rerank") is not None:
         engine.auto.observe(used, float(timings["rerank"]))
         engine.metrics.candidates.observe(used)
-    hits = [_hit(h, handle.grid) for h in result.hits]
+    hits = confident(result.hits, opts.min_confidence)
+    hits = [_hit(h, handle.grid) for h in hits]
     ms = {k: round(float(v) * 1000.0, 3) for k, v in timings.items() if k in ("encode", "faiss", "rerank", "total")
           and _finite(v)}
     ms["request"] = round((time.perf_counter() - t0) * 1000.0, 3)
@@ -449,8 +451,11 @@ def _hit(h: Any, grid: tuple[int, int] | None) -> HitOut:
             cells.append(WordCell(word=str(a.get("word", "")), cell=cell, row=int(row if row is not None else -1),
                                   col=int(col if col is not None else -1), score=_num(a.get("score", 0.0))))
     local = getattr(h, "local_score", None)
+    conf = getattr(h, "confidence", None)
     return HitOut(id=int(h.id), kind=kind, score=_num(h.score), global_score=_num(getattr(h, "global_score", h.score)),
-                  local_score=None if local is None or not _finite(local) else float(local), image_id=image_id,
+                  local_score=None if local is None or not _finite(local) else float(local),
+                  confidence=None if conf is None or not _finite(conf) else min(1.0, max(0.0, float(conf))),
+                  image_id=image_id,
                   image_url=f"/images/{image_id}" if image_id is not None else None,
                   caption=getattr(h, "caption", None), path=_client_path(getattr(h, "path", None)),
                   user_id=_user_id(getattr(h, "user_id", None)), metadata=_jsonable(getattr(h, "metadata", None) or {}),
@@ -526,6 +531,8 @@ def _image_request_body() -> dict[str, Any]:
             "mode": {"type": "string", "enum": ["rerank", "global"], "default": "rerank"},
             "target": {"type": "string", "enum": ["captions", "images"], "default": "captions"},
             "filters": {"type": "string", "description": "JSON object of metadata filters"},
+            "min_confidence": {"type": "number", "minimum": 0, "maximum": 1,
+                               "description": "drop hits whose confidence is below this"},
         },
     }
     return {"required": True, "content": {"multipart/form-data": {"schema": form_schema},
@@ -574,6 +581,9 @@ async def _image_from_form(request: Request, settings: ServiceSettings) -> tuple
         fields["candidates"] = _form_int(fields["candidates"], "candidates")
     if "k" in fields:
         fields["k"] = _form_int(fields["k"], "k")
+    v = form.get("min_confidence")
+    if isinstance(v, str) and v.strip():
+        fields["min_confidence"] = _form_float(v, "min_confidence")
     f = form.get("filters")
     if isinstance(f, str) and f.strip():
         try:
@@ -588,3 +598,10 @@ def _form_int(v: str, name: str) -> int:
         return int(v.strip())
     except ValueError:
         raise ClientError(422, f"{name} must be an integer") from None
+
+
+def _form_float(v: str, name: str) -> float:
+    try:
+        return float(v.strip())
+    except ValueError:
+        raise ClientError(422, f"{name} must be a number") from None

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import torch
 
 from indexer.searcher import Hit, SearchResult  # the contract's own result types
 
@@ -26,10 +27,11 @@ class FakeSearcher:
     """`n_images` images (solid-colour JPEGs written to `root`), two captions each."""
 
     def __init__(self, root: Path, n_images: int = 8, dim: int = 16, grid: tuple[int, int] = (4, 4), tag: str = "a",
-                 delay_s: float = 0.0):
+                 delay_s: float = 0.0, calibration: tuple[float, float] | None = (8.0, -2.0)):
         from PIL import Image
 
         self.root = Path(root)
+        self.calibration = calibration  # Platt (a, b) of every caption-image score (None: no confidence)
         self.tag = tag
         self.delay_s = delay_s
         self.dim = dim
@@ -107,6 +109,7 @@ class FakeSearcher:
             hits.append(Hit(i, score, float(gs[i]), local if mode == "rerank" else None, "image",
                                 dict(self.meta[i]), self.rel(i), None, i, align, self.user_id(i)))
         hits.sort(key=lambda h: -h.score)
+        self._confide(hits)
         t3 = time.perf_counter()
         return SearchResult(hits[:k], {"encode": t1 - t0, "faiss": t2 - t1, "rerank": t3 - t2, "total": t3 - t0},
                           len(cand) if mode == "rerank" else 0)
@@ -132,9 +135,18 @@ class FakeSearcher:
                             dict(self.meta[self.caption_image[c]]), self.rel(self.caption_image[c]), self.captions[c],
                             self.caption_image[c], None, self.user_id(self.caption_image[c]))
                     for c in order]
+            self._confide(hits)
         t = time.perf_counter() - t0
         return SearchResult(hits, {"encode": t / 2, "faiss": t / 2, "rerank": 0.0, "total": t},
                           min(candidates, len(hits)) if mode == "rerank" else 0)
+
+    def _confide(self, hits: list[Hit]) -> None:
+        """Each caption-image hit's confidence from its score, as the real searcher computes it."""
+        from encoder.confidence import confidence
+
+        conf = confidence(torch.tensor([h.score for h in hits], dtype=torch.float64), self.calibration)
+        for j, h in enumerate(hits):
+            h.confidence = None if conf is None else float(conf[j])
 
     def rel(self, i: int) -> str:
         """Image i's path as the index stores it: relative to the images folder (`root`)."""

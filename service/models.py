@@ -5,6 +5,7 @@ The static bounds here are the hard ceilings; `ServiceSettings` may tighten them
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -25,6 +26,24 @@ class SearchOptions(BaseModel):
     mode: Literal["rerank", "global"] = Field("rerank", description="'global' skips the token re-rank")
     filters: dict[str, FilterValue | list[FilterValue]] | None = Field(
         None, description="metadata equality filters; a list means any of its values")
+    min_confidence: float | None = Field(
+        None, ge=0.0, le=1.0, description="drop hits whose confidence is below this (after ranking, so fewer "
+                                          "than k may come back); hits without a confidence are kept")
+
+
+def confident(hits: list, min_confidence: float | None) -> list:
+    """The hits (Searcher hits or response dicts) at or above `min_confidence`, in their order;
+    a hit without a confidence (image->image, a model without a calibration) is kept."""
+    if min_confidence is None:
+        return list(hits)
+
+    def conf(h: Any) -> Any:
+        return h.get("confidence") if isinstance(h, dict) else getattr(h, "confidence", None)
+
+    def keep(c: Any) -> bool:
+        return c is None or not math.isfinite(float(c)) or float(c) >= min_confidence
+
+    return [h for h in hits if keep(conf(h))]
 
 
 class TextSearchRequest(SearchOptions):
@@ -63,6 +82,9 @@ class HitOut(BaseModel):
     score: float = Field(..., description="final score (fused in rerank mode, global in global mode)")
     global_score: float
     local_score: float | None = None
+    confidence: float | None = Field(None, description="calibrated probability in [0, 1] that the hit matches the "
+                                     "query (fitted on validation matches); null for image->image search and "
+                                     "for a model without a calibration")
     image_id: int | None = Field(None, description="image this hit shows (the caption's image for captions)")
     image_url: str | None = None
     caption: str | None = None

@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .models import ImageSearchRequest, TextSearchRequest
+from .models import ImageSearchRequest, TextSearchRequest, confident
 from .settings import HARD_MAX_K
 
 RETRY_STATUS = {500, 502, 503, 504}
@@ -124,7 +124,11 @@ class Router:
     async def search(self, path: str, body: dict, k: int, candidates: Any) -> dict:
         exact = candidates != "auto" and max(k, candidates) <= self.settings.shard_max_k
         depth = max(k, candidates) if exact else k
-        sub = {**body, "k": min(depth, self.settings.shard_max_k)}
+        # the confidence cut comes after the merge: a shard that dropped hits would change the
+        # candidate set the exact merge takes from the union
+        min_confidence = body.get("min_confidence")
+        sub = {**{key: v for key, v in body.items() if key != "min_confidence"},
+               "k": min(depth, self.settings.shard_max_k)}
         t0 = time.perf_counter()
         answers = await asyncio.gather(*(self.call(s, "POST", path, json=sub) for s in range(self.n)))
         hits, timings, grid = [], [], None
@@ -141,7 +145,7 @@ class Router:
                 hits.append(h)
         if exact:  # the single index's candidate set, then its order (see module doc)
             hits = sorted(hits, key=lambda h: -h["global_score"])[:depth]
-        hits = sorted(hits, key=lambda h: (-h["score"], -h["global_score"]))[:k]
+        hits = confident(sorted(hits, key=lambda h: (-h["score"], -h["global_score"]))[:k], min_confidence)
         slowest = max(timings, key=lambda t: t.get("total", 0.0)) if timings else {}
         return {"hits": hits, "mode": body.get("mode", "rerank"), "k": k,
                 "candidates": candidates if exact else depth,
@@ -194,11 +198,11 @@ def create_router_app(settings: RouterSettings, client: httpx.AsyncClient | None
             if upload is None or isinstance(upload, str):
                 return _error(400, "multipart body has no image file: send it in a field named 'file'")
             body: dict[str, Any] = {"image_b64": base64.b64encode(await upload.read()).decode()}
-            for name in ("k", "candidates", "mode", "target", "filters"):
+            for name in ("k", "candidates", "mode", "target", "filters", "min_confidence"):
                 v = form.get(name)
                 if isinstance(v, str) and v.strip():
                     body[name] = json.loads(v) if name == "filters" else (
-                        v if name in ("mode", "target") or v == "auto" else _int(v, name))
+                        v if name in ("mode", "target", "min_confidence") or v == "auto" else _int(v, name))
         elif ctype == "application/json":
             body = await _body_json(request)
         else:

@@ -136,6 +136,7 @@ function render(r) {
   box.innerHTML = "";
   if (!r.hits.length) {
     box.innerHTML = '<div class="empty">No results.</div>';
+    applyCut();
     return;
   }
   const tpl = $("card-tpl");
@@ -150,8 +151,10 @@ function render(r) {
     showFile(card, hit);
     const local = hit.local_score === null || hit.local_score === undefined ? "" :
       ` · local ${hit.local_score.toFixed(3)}`;
+    const conf = hasConfidence(hit) ? `<span class="conf">confidence ${(100 * hit.confidence).toFixed(0)}%</span> · ` : "";
     card.querySelector(".scores").innerHTML =
-      `<b>score ${hit.score.toFixed(3)}</b> · global ${hit.global_score.toFixed(3)}${local}`;
+      `${conf}<b>score ${hit.score.toFixed(3)}</b> · global ${hit.global_score.toFixed(3)}${local}`;
+    if (hasConfidence(hit)) card.dataset.confidence = String(hit.confidence);
     const words = card.querySelector(".words");
     if (hit.alignment) {
       hit.alignment.filter((a) => a.content !== false).forEach((a, i) => {
@@ -174,6 +177,27 @@ function render(r) {
     });
     box.appendChild(card);
   });
+  applyCut();
+}
+
+// --- the confidence cut: hits below the chosen minimum are hidden (no new query) ----------------------
+const hasConfidence = (hit) => hit.confidence !== null && hit.confidence !== undefined;
+
+function applyCut() {
+  const min = parseFloat($("min-confidence").value);
+  $("min-confidence-value").textContent = min.toFixed(2);
+  const cards = [...document.querySelectorAll("#results .card")];
+  let hidden = 0;
+  cards.forEach((card) => {
+    const below = card.dataset.confidence !== undefined && parseFloat(card.dataset.confidence) < min;
+    card.hidden = below;
+    if (below) hidden += 1;
+  });
+  const cut = $("cut");
+  const rated = cards.filter((c) => c.dataset.confidence !== undefined).length;
+  cut.hidden = cards.length === 0 || (min <= 0 && rated > 0);
+  cut.textContent = rated === 0 ? "these results have no confidence (uncalibrated model or image→image search)"
+    : `${hidden} of ${cards.length} results below confidence ${min.toFixed(2)} hidden`;
 }
 
 // --- which file a hit is, and (on hover) the captions of its image ---------------------------------------
@@ -276,5 +300,6 @@ function setupDrop() {
 $("text-form").addEventListener("submit", searchText);
 $("api-key").value = state.key;
 $("api-key").addEventListener("change", () => { state.key = $("api-key").value; localStorage.setItem("apiKey", state.key); });
+$("min-confidence").addEventListener("input", applyCut);
 setupDrop();
 loadInfo();
