@@ -14,8 +14,6 @@ Per checkpoint, on the same `n` random test captions (seeded):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
 import random
 import sys
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import machine, write_section  # noqa: E402
 from encoder.data import load_pairs  # noqa: E402
 from encoder.grounding import MosaicLayout, function_share, pointing_hits, word_scores  # noqa: E402
 from encoder.pipeline import Encoder  # noqa: E402
@@ -108,13 +107,11 @@ def main() -> int:
     print(f"chance (a photo's share of the grid): {chance:.1f} %")
     if args.write:
         cmd = "bench/bench_grounding.py " + " ".join(sys.argv[1:])
-        with (ROOT / "BENCHMARKS.md").open("a") as f:
-            f.write(f"\n## Grounding: word scores and mosaic pointing (Flickr8k 1K test)\n\n"
-                    f"Machine: {platform.machine()}, {torch.get_num_threads()} threads; date "
-                    f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; command: `.venv/bin/python {cmd}`.\n"
-                    f"{args.n} random test captions (seed {args.seed}); word shares against the caption's own "
-                    f"photo; pointing over content words in a 2x2 mosaic with 3 other test photos; chance "
-                    f"{chance:.1f} %.\n\n{table}\n")
+        write_section("Grounding: word scores and mosaic pointing (Flickr8k 1K test)",
+                      f"Machine: {machine()}; command: `.venv/bin/python {cmd}`.\n"
+                      f"{args.n} random test captions (seed {args.seed}); word shares against the caption's own "
+                      f"photo; pointing over content words in a 2x2 mosaic with 3 other test photos; chance "
+                      f"{chance:.1f} %.\n\n{table}")
     return 0
 
 

@@ -14,8 +14,6 @@ gives the same rsums. `--write` appends the table to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import machine, write_section  # noqa: E402
 from encoder.data import load_pairs  # noqa: E402
 from encoder.evaluate import encode_collection, evaluate_embeddings  # noqa: E402
 from encoder.fit_route import encode_set, label_only, route_encoder  # noqa: E402
@@ -88,12 +87,10 @@ def main() -> int:
     print(table + "\n" + chosen)
     if args.write:
         cmd = "bench/bench_label_route.py " + " ".join(sys.argv[1:])
-        with (ROOT / "BENCHMARKS.md").open("a") as f:
-            f.write(f"\n## Label route and adaptive fusion ({args.split} splits)\n\n"
-                    f"Machine: {platform.machine()}, {torch.get_num_threads()} threads; date "
-                    f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; command: `.venv/bin/python {cmd}`.\n"
-                    f"Base = `{args.base}`, route = `{args.route}`. rsum (R@1+5+10 both ways); K = 100.\n\n"
-                    f"{table}\n\nChosen on val (`fit_route.json` beside the checkpoint): {chosen}.\n")
+        write_section(f"Label route and adaptive fusion ({args.split} splits)",
+                      f"Machine: {machine()}; command: `.venv/bin/python {cmd}`.\n"
+                      f"Base = `{args.base}`, route = `{args.route}`. rsum (R@1+5+10 both ways); K = 100.\n\n"
+                      f"{table}\n\nChosen on val (`fit_route.json` beside the checkpoint): {chosen}.")
     return 0
 
 

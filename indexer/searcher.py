@@ -46,6 +46,7 @@ class Hit:
     # calibrated probability that the hit matches the query (`encoder.confidence`); None for
     # image->image search and for a checkpoint without a calibration
     confidence: float | None = None
+    label_score: float | None = None  # the label route's part of global_score (None: no route)
 
 
 @dataclass
@@ -254,7 +255,11 @@ class Searcher(IndexStore):
         timings["faiss"] = time.perf_counter() - t0
         # ---- stage two
         t0 = time.perf_counter()
-        gscore = torch.from_numpy(self._globals(kind, cand) @ q_global[0])
+        glob = self._globals(kind, cand)
+        gscore = torch.from_numpy(glob @ q_global[0])
+        # the label route's part of the global score (`encoder.label_route`): its own columns
+        Dt = self.manifest.tokens_dim
+        label = torch.from_numpy(glob[:, Dt:] @ q_global[0, Dt:]) if self.manifest.dim > Dt else None
         local = None
         if rerank and len(cand):
             from encoder.similarity import fuse
@@ -268,7 +273,8 @@ class Searcher(IndexStore):
         timings["rerank"] = time.perf_counter() - t0
         conf = self.confidences(final[order], "rerank" if rerank else "global") if cross else None
         hits = self._hits(kind, cand[order], final[order], gscore[order],
-                          None if local is None else local[order], conf)
+                          None if local is None else local[order], conf,
+                          None if label is None else label[order])
         if explain and hits:
             self._explain(hits, query, query_kind, kind, words)
         timings["total"] = encode_seconds + time.perf_counter() - t_start
@@ -281,7 +287,7 @@ class Searcher(IndexStore):
 
         return confidence(scores, calibration(self.score, mode))
 
-    def _hits(self, kind, ids, final, gscore, local, conf=None) -> list[Hit]:
+    def _hits(self, kind, ids, final, gscore, local, conf=None, label=None) -> list[Hit]:
         rows = self._items([int(i) for i in ids]) if len(ids) else {}
         hits = []
         for j, i in enumerate(ids):
@@ -290,7 +296,8 @@ class Searcher(IndexStore):
                             local_score=None if local is None else float(local[j]), kind=kind,
                             metadata=d.get("metadata", {}), path=d.get("path"), caption=d.get("caption"),
                             image_id=d.get("image_id"), user_id=d.get("user_id"),
-                            confidence=None if conf is None else float(conf[j])))
+                            confidence=None if conf is None else float(conf[j]),
+                            label_score=None if label is None else float(label[j])))
         return hits
 
     def _items(self, ids: list[int], live_only: bool = False) -> dict[int, dict]:

@@ -448,12 +448,15 @@ def _hit(h: Any, grid: tuple[int, int] | None) -> HitOut:
             row, col = a.get("row"), a.get("col")
             if (row is None or col is None) and grid and cell >= 0:
                 row, col = divmod(cell, grid[1])
-            cells.append(WordCell(word=str(a.get("word", "")), cell=cell, row=int(row if row is not None else -1),
+            cells.append(WordCell(word=str(a.get("word", "")), content=bool(a.get("content", True)), cell=cell,
+                                  row=int(row if row is not None else -1),
                                   col=int(col if col is not None else -1), score=_num(a.get("score", 0.0))))
     local = getattr(h, "local_score", None)
     conf = getattr(h, "confidence", None)
+    label = getattr(h, "label_score", None)
     return HitOut(id=int(h.id), kind=kind, score=_num(h.score), global_score=_num(getattr(h, "global_score", h.score)),
                   local_score=None if local is None or not _finite(local) else float(local),
+                  label_score=None if label is None or not _finite(label) else float(label),
                   confidence=None if conf is None or not _finite(conf) else min(1.0, max(0.0, float(conf))),
                   image_id=image_id,
                   image_url=f"/images/{image_id}" if image_id is not None else None,

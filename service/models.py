@@ -82,6 +82,8 @@ class HitOut(BaseModel):
     score: float = Field(..., description="final score (fused in rerank mode, global in global mode)")
     global_score: float
     local_score: float | None = None
+    label_score: float | None = Field(None, description="the label route's part of global_score: the weighted "
+                                      "ImageNet-label (ConSE) similarity; null for a model without the route")
     confidence: float | None = Field(None, description="calibrated probability in [0, 1] that the hit matches the "
                                      "query (fitted on validation matches); null for image->image search and "
                                      "for a model without a calibration")

@@ -148,3 +148,22 @@ def test_rerank_weight_ramp_starts_at_alpha_from():
     cfg = ScoreConfig(alpha=0.4, alpha_out=0.0, alpha_from=0.5)
     a = cfg.alpha_for(torch.tensor([0.0, 0.5, 0.75, 1.0]))
     assert torch.allclose(a, torch.tensor([0.0, 0.0, 0.2, 0.4]))
+
+
+def test_index_with_route_serves_label_share_and_content_words(route_checkpoint, tiny_collection, tmp_path):
+    """An index built by a route checkpoint stores 640-d globals beside 256-d tokens; a search's
+    hits say how much of their global score the label route gave."""
+    from indexer.build import build
+    from indexer.config import BuildConfig
+    from indexer.searcher import Searcher
+
+    out = tmp_path / "index"
+    build(BuildConfig(images=str(tiny_collection), captions=str(tiny_collection / "pairs.jsonl"), out=str(out),
+                      checkpoint=str(route_checkpoint), workers=0, batch_size=4, progress=False))
+    s = Searcher(out, device="cpu")
+    assert s.manifest.dim == s.manifest.tokens_dim + 384
+    res = s.search_text("a red dog runs on the beach .", k=3, candidates=6, explain=True)
+    assert res.hits and all(h.label_score is not None for h in res.hits)
+    for h in res.hits:
+        assert h.label_score <= h.global_score + 1.0  # a part of it, not another scale
+        assert {a["content"] for a in h.alignment} <= {True, False}

@@ -151,9 +151,11 @@ function render(r) {
     showFile(card, hit);
     const local = hit.local_score === null || hit.local_score === undefined ? "" :
       ` · local ${hit.local_score.toFixed(3)}`;
+    const label = hit.label_score === null || hit.label_score === undefined ? "" :
+      ` (labels ${hit.label_score.toFixed(3)})`;
     const conf = hasConfidence(hit) ? `<span class="conf">confidence ${(100 * hit.confidence).toFixed(0)}%</span> · ` : "";
     card.querySelector(".scores").innerHTML =
-      `${conf}<b>score ${hit.score.toFixed(3)}</b> · global ${hit.global_score.toFixed(3)}${local}`;
+      `${conf}<b>score ${hit.score.toFixed(3)}</b> · global ${hit.global_score.toFixed(3)}${label}${local}`;
     if (hasConfidence(hit)) card.dataset.confidence = String(hit.confidence);
     const words = card.querySelector(".words");
     if (hit.alignment) {
