@@ -96,8 +96,11 @@ def test_missing_file_and_empty_file(tmp_path):
 
 
 def test_cli_user_mistakes_exit_2_with_one_line(tmp_path):
+    data = tmp_path / "col"
+    data.mkdir()
+    (data / "pairs.jsonl").write_text('{"image": "x.jpg", "captions": ["a dog"]}\n')
     r = subprocess.run([sys.executable, "-m", "encoder.cli", "evaluate", "--checkpoint", str(tmp_path),
-                        "--data", str(tmp_path)], capture_output=True, text=True)
+                        "--data", str(data)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
     assert "not a checkpoint folder" in r.stderr

@@ -60,7 +60,7 @@ def broken_inputs(tmp_path, tiny_checkpoint) -> dict[str, Path]:
 @pytest.mark.parametrize("case,words", [
     ("missing", ["no captions file at", "no_such_folder"]),
     ("empty", ["no images"]),
-    ("bad", ["pairs.jsonl:4:", "expected a JSON object"]),
+    ("bad", ["pairs.jsonl:4:", "JSON syntax error"]),
 ])
 def test_train_refuses_a_bad_collection_in_one_line(case, words, broken_inputs, tiny_config, tmp_path, capsys):
     out = tmp_path / f"run_{case}"
