@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--checkpoint")
     ap.add_argument("--workdir", help="where to build (default: a temp dir, removed afterwards)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--section", default="Indexer: 1M-image synthetic index", help="BENCHMARKS.md section title")
     args = ap.parse_args()
 
     from encoder.data import load_pairs
@@ -70,6 +71,7 @@ def main() -> None:
     seed_g = images.global_.numpy()
     seed_t = images.tokens.numpy()  # [R, T, D]
     R, T, D = seed_t.shape
+    Dg = seed_g.shape[1]  # the global width: D, or D + the label route's part
     seed_s = time.perf_counter() - t0
     print(f"encoded {R} real seeds in {seed_s:.0f} s", flush=True)
 
@@ -97,7 +99,7 @@ def main() -> None:
     for s in range(0, args.n, args.batch):
         b = min(args.batch, args.n - s)
         pick = rng.integers(0, R, b)
-        g = seed_g[pick] + rng.standard_normal((b, D)).astype(np.float32) * sigma
+        g = seed_g[pick] + rng.standard_normal((b, Dg)).astype(np.float32) * (args.noise / np.sqrt(Dg))
         g /= np.linalg.norm(g, axis=1, keepdims=True)
         codes = pool_codes[rng.integers(0, args.pool, b)].reshape(-1, codec.row_bytes)
         ids = np.arange(s, s + b, dtype=np.int64)
@@ -113,7 +115,7 @@ def main() -> None:
     con.close()
     raws["caption"].truncate({})
     write_s = time.perf_counter() - t1
-    fake = SimpleNamespace(dim=D, image_backbone=SimpleNamespace(grid=encoder.image_backbone.grid),
+    fake = SimpleNamespace(dim=Dg, token_dim=D, image_backbone=SimpleNamespace(grid=encoder.image_backbone.grid),
                            model=encoder.model)
     t2 = time.perf_counter()
     m = finalize(folder, cfg, fake, FLICKR, checkpoint_digest(ckpt), {"encode_seconds": write_s})
@@ -179,7 +181,7 @@ seed + Gaussian noise (norm {args.noise}) on the global vector (all {args.n:,} d
 | the same 30 queries again (warm) | {', '.join(f'{k} {v:.1f}' for k, v in med.items())} |
 """
     print(body)
-    write_section("Indexer: 1M-image synthetic index", body)
+    write_section(args.section, body)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     json.dump({"recall": recall, "tuned_nprobe": tuned.nprobe, "tuned_recall": tuned_recall, "total_s": total_s,
