@@ -105,7 +105,7 @@ class EfficientNetLite0(ImageBackbone):
             x = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
             return _grid_tokens(x)
         # one trunk pass, then the served (possibly fine-tuned) tail and the pretrained one
-        n = len(self.label_tail.blocks)
+        n = self.label_tail.blocks
         trunk = self.tokens_before_top(pixels, n) if n else None
         x = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last)) if trunk is None \
             else self._tail(trunk)
@@ -115,14 +115,9 @@ class EfficientNetLite0(ImageBackbone):
 
     def _tail(self, trunk: TokenBatch) -> torch.Tensor:
         """The backbone's own last blocks + conv head on a trunk grid: [B, C, h, w]."""
-        B, T, C = trunk.tokens.shape
-        h, w = self.grid
-        x = trunk.tokens.transpose(1, 2).reshape(B, C, h, w).contiguous(memory_format=torch.channels_last)
-        blocks = self.net._blocks
-        L, n = len(blocks), len(self.label_tail.blocks)
-        for idx in range(L - n, L):
-            x = blocks[idx](x, drop_connect_rate=_drop_connect(self.net, idx))
-        return self.net._swish(self.net._bn1(self.net._conv_head(x)))
+        net, L, n = self.net, len(self.net._blocks), self.label_tail.blocks
+        x = _through_blocks(trunk, self.grid, net._blocks[L - n:], [_drop_connect(net, i) for i in range(L - n, L)])
+        return net._swish(net._bn1(net._conv_head(x)))
 
     def enable_labels(self, n: int) -> None:
         """Keep the pretrained classifier (and, when the last `n` blocks will be overwritten by
@@ -199,12 +194,17 @@ class ImageTop(nn.Module):
         return self
 
     def forward(self, tb: TokenBatch) -> TokenBatch:
-        B, T, C = tb.tokens.shape
-        h, w = self.grid
-        x = tb.tokens.transpose(1, 2).reshape(B, C, h, w).contiguous(memory_format=torch.channels_last)
-        for block, rate in zip(self.blocks, self.rates):
-            x = block(x, drop_connect_rate=rate)
+        x = _through_blocks(tb, self.grid, self.blocks, self.rates)
         return _grid_tokens(self.act(self.bn(self.conv_head(x))))
+
+
+def _through_blocks(tb: TokenBatch, grid: tuple[int, int], blocks, rates: list[float]) -> torch.Tensor:
+    """Row-major cell tokens [B, H*W, C] back to a grid, through MBConv `blocks`: [B, C', H, W]."""
+    B, T, C = tb.tokens.shape
+    x = tb.tokens.transpose(1, 2).reshape(B, C, *grid).contiguous(memory_format=torch.channels_last)
+    for block, rate in zip(blocks, rates):
+        x = block(x, drop_connect_rate=rate)
+    return x
 
 
 class HFVision(ImageBackbone):
@@ -270,25 +270,18 @@ class LabelTail(nn.Module):
 
     def __init__(self, backbone: EfficientNetLite0, n: int):
         super().__init__()
-        net, L = backbone.net, len(backbone.net._blocks)
-        self.blocks = nn.ModuleList(copy.deepcopy(b) for b in net._blocks[L - n:])
-        self.conv_head, self.bn, self.act = (copy.deepcopy(m) for m in (net._conv_head, net._bn1, net._swish))
-        self.fc = copy.deepcopy(net._fc)
-        self.grid = backbone.grid
+        self.top = ImageTop(backbone, n) if n else None  # pretrained copies, as the trainable top starts
+        self.fc = copy.deepcopy(backbone.net._fc)
         self.eval().requires_grad_(False)
 
+    @property
+    def blocks(self) -> int:
+        """How many of the backbone's last blocks this tail runs on its own."""
+        return len(self.top.blocks) if self.top is not None else 0
+
     def forward(self, tb: TokenBatch) -> torch.Tensor:
-        B, T, C = tb.tokens.shape
-        if self.blocks:
-            h, w = self.grid
-            x = tb.tokens.transpose(1, 2).reshape(B, C, h, w).contiguous(memory_format=torch.channels_last)
-            for block in self.blocks:
-                x = block(x, drop_connect_rate=0.0)
-            x = self.act(self.bn(self.conv_head(x)))
-            pooled = x.mean(dim=(2, 3))
-        else:
-            pooled = tb.tokens.mean(1)
-        return self.fc(pooled)
+        cells = self.top(tb) if self.top is not None else tb
+        return self.fc(cells.tokens.mean(1))
 
 
 def minilm_path() -> Path:

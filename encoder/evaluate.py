@@ -138,16 +138,22 @@ def encode_collection(encoder: Encoder, col: Collection, batch_size: int = 64, w
     except ImageError as e:  # raised inside a worker, re-raised here with its message
         raise ImageError(str(e)) from None
     images = stack_embeddings(parts)
-    order = sorted(range(len(col.captions)), key=lambda i: len(col.captions[i]))
-    cparts, idx = [], []
-    for s in tqdm(range(0, len(order), 256), desc="encode captions", disable=not progress):
-        ids = order[s:s + 256]
-        cparts.append(encoder.encode_texts([col.captions[i] for i in ids]))
-        idx.extend(ids)
-    captions = stack_embeddings(cparts)
-    inv = torch.empty(len(idx), dtype=torch.long)
-    inv[torch.tensor(idx)] = torch.arange(len(idx))
-    return images, captions[inv.to(captions.global_.device)]
+    captions, = texts_by_length(col.captions, lambda t: (encoder.encode_texts(t),), progress=progress)
+    return images, captions
+
+
+def texts_by_length(texts: list[str], encode: Callable[[list[str]], tuple], batch: int = 256,
+                    progress: bool = False) -> tuple:
+    """`encode` (texts -> (Embeddings, *tensors with a row per text)) over batches of similar
+    length (little padding), everything put back in `texts` order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    parts = [encode([texts[i] for i in order[s:s + batch]])
+             for s in tqdm(range(0, len(order), batch), desc="encode captions", disable=not progress)]
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order)] = torch.arange(len(order))
+    emb = stack_embeddings([p[0] for p in parts])
+    rest = [torch.cat([p[k] for p in parts])[inv.to(p[k].device)] for k in range(1, len(parts[0]))]
+    return (emb[inv.to(emb.global_.device)], *rest)
 
 
 def markdown_table(results: dict) -> str:

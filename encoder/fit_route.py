@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .backbones import build_image_backbone, build_text_backbone
 from .config import LabelRouteConfig, ScoreConfig
 from .data import Collection, load_pairs
-from .evaluate import _Images, evaluate_embeddings, stack_embeddings
+from .evaluate import _Images, evaluate_embeddings, stack_embeddings, texts_by_length
 from .heads import Embeddings
 from .label_route import LabelRoute, class_prompts
 from .model import TGDTModel
@@ -62,16 +62,13 @@ def route_encoder(checkpoint: str | None) -> Encoder:
 
 
 @torch.inference_mode()
-def encode_texts_raw(encoder: Encoder, texts: list[str], batch: int = 256) -> tuple[Embeddings, torch.Tensor]:
-    embs, sents = [], []
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for s in range(0, len(order), batch):
-        tb = encoder.text_backbone([texts[i] for i in order[s:s + batch]])
-        embs.append(encoder.model.content_words(encoder.model.text_head(tb), tb.content))
-        sents.append(F.normalize(tb.side.float(), dim=-1))
-    inv = torch.empty(len(order), dtype=torch.long)
-    inv[torch.tensor(order)] = torch.arange(len(order))
-    return stack_embeddings(embs)[inv], torch.cat(sents)[inv]
+def encode_texts_raw(encoder: Encoder, texts: list[str]) -> tuple[Embeddings, torch.Tensor]:
+    """The texts' embeddings without the route (word mask applied) and their unit sentence vectors."""
+    def encode(batch: list[str]) -> tuple[Embeddings, torch.Tensor]:
+        tb = encoder.text_backbone(batch)
+        return (encoder.model.content_words(encoder.model.text_head(tb), tb.content),
+                F.normalize(tb.side.float(), dim=-1))
+    return texts_by_length(texts, encode)
 
 
 @torch.inference_mode()

@@ -89,7 +89,11 @@ class TGDTModel(nn.Module):
         """Text head on the full backbone's word states (never runs text_top: when the model has
         one, the backbone already holds its weights, see `Encoder`), then the word mask and the
         label route."""
-        return self.with_route(self.content_words(self.text_head(tb), tb.content), tb.side, "text")
+        return self.finish_text(self.text_head(tb), tb.side, tb.content)
+
+    def finish_text(self, emb: Embeddings, side: torch.Tensor | None, content: torch.Tensor | None) -> Embeddings:
+        """After the text head (torch or ONNX): the word mask, then the label route."""
+        return self.with_route(self.content_words(emb, content), side, "text")
 
     def text_words_from_cache(self, batch: TokenBatch | HiddenBatch) -> TokenBatch:
         """The backbone's word states from cached ones: word states (frozen backbone) as they

@@ -104,7 +104,7 @@ class Encoder:
     def encode_texts(self, texts: list[str]) -> Embeddings:
         if self._onnx_text is not None:
             emb, side, content = self._onnx_text(list(texts))
-            return self.model.with_route(self.model.content_words(emb, content), side, "text")
+            return self.model.finish_text(emb, side, content)
         return self.model.encode_text_tokens(self.text_backbone(list(texts)))
 
     @torch.inference_mode()

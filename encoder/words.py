@@ -23,7 +23,7 @@ and or but nor so yet both whether if then else while because though although un
 is are was were be been being am do does did doing done have has had having will would shall
 should can could may might must 's 're 've 'll 'd
 not n't very too also just only even still there here where when how why all most more much many
-few several other others own same its
+few several other others own same
 """.split())
 
 PUNCTUATION = frozenset(string.punctuation) | frozenset("“”‘’–—…")

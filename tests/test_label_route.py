@@ -13,6 +13,7 @@ from encoder.heads import Embeddings
 from encoder.label_route import LabelRoute, imagenet_classes
 from encoder.model import TGDTModel
 from encoder.similarity import fuse
+from encoder.words import is_content
 
 
 def test_class_data_is_imagenet_order():
@@ -162,8 +163,13 @@ def test_index_with_route_serves_label_share_and_content_words(route_checkpoint,
                       checkpoint=str(route_checkpoint), workers=0, batch_size=4, progress=False))
     s = Searcher(out, device="cpu")
     assert s.manifest.dim == s.manifest.tokens_dim + 384
-    res = s.search_text("a red dog runs on the beach .", k=3, candidates=6, explain=True)
+    text = "a red dog runs on the beach ."
+    res = s.search_text(text, k=3, candidates=6, explain=True)
     assert res.hits and all(h.label_score is not None for h in res.hits)
-    for h in res.hits:
-        assert h.label_score <= h.global_score + 1.0  # a part of it, not another scale
-        assert {a["content"] for a in h.alignment} <= {True, False}
+    q = s.encoder.encode_texts([text]).global_[0].numpy()
+    g = s.gather("image", np.array([h.id for h in res.hits]))
+    Dt = s.manifest.tokens_dim
+    for h, gv in zip(res.hits, g.global_):
+        assert abs(h.global_score - float(gv @ q)) < 1e-4
+        assert abs(h.label_score - float(gv[Dt:] @ q[Dt:])) < 1e-4  # the route's columns only
+        assert [a["content"] for a in h.alignment] == [is_content(a["word"]) for a in h.alignment]
