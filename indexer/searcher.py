@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,41 +19,12 @@ from PIL import Image
 
 from . import faiss_index, metadata
 from .info import index_info
+from .results import Hit, SearchError, SearchResult
 from .manifest import CODEC, FAISS, META, IndexFormatError, Manifest, read_manifest
 from .tokenstore import KINDS, Segment, TokenCodec, gather_rows, pad_blocks
 
 MODES = ("rerank", "global")
 TARGETS = {"images": "image", "captions": "caption"}
-
-
-class SearchError(ValueError):
-    """A request the index cannot answer (bad mode, bad filter, ...), with the reason."""
-
-
-@dataclass
-class Hit:
-    id: int
-    score: float
-    global_score: float
-    local_score: float | None
-    kind: str
-    metadata: dict = field(default_factory=dict)
-    path: str | None = None  # the image's path relative to the collection's images folder
-    caption: str | None = None
-    image_id: int | None = None
-    alignment: list[dict] | None = None
-    user_id: str | int | None = None  # the captions file's own id of the image (`--id-field`)
-    # calibrated probability that the hit matches the query (`encoder.confidence`); None for
-    # image->image search and for a checkpoint without a calibration
-    confidence: float | None = None
-    label_score: float | None = None  # the label route's part of global_score (None: no route)
-
-
-@dataclass
-class SearchResult:
-    hits: list[Hit]
-    timings: dict[str, float]
-    candidates: int
 
 
 @dataclass

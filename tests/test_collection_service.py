@@ -157,7 +157,7 @@ def test_service_cli_failure_modes_say_what_went_wrong(tmp_path, tiny_checkpoint
 
 # ------------------------------------------------------------------ the web page
 def test_served_page_shows_file_names_and_loads_captions_on_hover(tmp_path):
-    from service.fake import FakeSearcher
+    from fakes import FakeSearcher
 
     with TestClient(create_app(ServiceSettings(index_dir=tmp_path), searcher=FakeSearcher(tmp_path / "a"))) as c:
         html, js = c.get("/").text, c.get("/static/app.js").text

@@ -18,7 +18,7 @@ from encoder.config import ScoreConfig
 from encoder.heads import Embeddings
 from encoder.model import TGDTModel, checkpoint_digest
 from service.app import create_app
-from service.fake import FakeSearcher
+from fakes import FakeSearcher
 from service.router import RouterSettings, create_router_app
 from service.settings import ServiceSettings
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.autodepth import AutoDepth
-from service.fake import FakeSearcher
+from fakes import FakeSearcher
 from service.settings import ConfigFileError, ServiceSettings
 
 

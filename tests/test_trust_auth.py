@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.fake import FakeSearcher
+from fakes import FakeSearcher
 from service.settings import ServiceSettings
 
 KEY = "k3y-Zq81-never-log-me"
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 import uvicorn
 from service.app import create_app
-from service.fake import FakeSearcher
+from fakes import FakeSearcher
 from service.settings import ServiceSettings
 root = Path(sys.argv[1])
 app = create_app(ServiceSettings(index_dir=root), searcher=FakeSearcher(root, n_images=4))

@@ -40,7 +40,7 @@ def _serve(tmp: Path, **settings):
     import uvicorn
 
     from service.app import create_app
-    from service.fake import FakeSearcher
+    from fakes import FakeSearcher
     from service.settings import ServiceSettings
 
     app = create_app(ServiceSettings(index_dir=tmp / "idx", **settings), searcher=FakeSearcher(tmp / "idx", n_images=8))

@@ -1,4 +1,4 @@
-"""An in-memory Searcher that follows the indexer's Searcher contract, for tests and API fuzzing.
+"""A test double of `service.contract.SearchBackend`: an in-memory collection, for tests and API fuzzing.
 
 Why it exists: the HTTP layer's edges (limits, errors, hot swap, auth, the web page) must be
 testable in milliseconds and without a model; the real-index tests cover the real engine.
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.searcher import Hit, SearchResult  # the contract's own result types
+from indexer.results import Hit, SearchResult  # the contract's result types (service.contract)
 
 
 def _vec(word: str, dim: int) -> np.ndarray:
@@ -63,6 +63,7 @@ class FakeSearcher:
         g = self.tokens.mean(1)
         self.globals = g / np.linalg.norm(g, axis=-1, keepdims=True)
         self.n_images = n_images
+        self.grid = grid
         self.encoder = SimpleNamespace(image_backbone=SimpleNamespace(grid=grid), dim=dim)
         self.info = {"images": n_images, "captions": len(self.captions), "tag": tag, "fake": True}
         self.metadata_fields = {"split", "n", "tag"}
