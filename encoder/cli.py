@@ -1,4 +1,7 @@
-"""`encoder train`, `evaluate`, `fit-route`, `calibrate-confidence`: thin argument parsing over their modules."""
+"""`encoder train`, `evaluate`, `fit-route`, `calibrate-confidence`: thin argument parsing over their modules.
+
+The command line is the top layer: `evaluate --index` reaches into `indexer` (the searcher the
+service runs); nothing else in `encoder` imports `indexer`."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +10,21 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from indexer.evaluation import evaluate_index
+from indexer.searcher import Searcher
+
 from .config import TrainConfig
-from .data import load_pairs
+from .confidence import calibrate, platt_text
+from .data import CollectionError, load_pairs
+from .evaluate import encode_collection, evaluate_embeddings, markdown_table
+from .fit_route import fit
+from .init_from import checkpoint_errors, checkpoint_path
+from .model import CheckpointError
+from .pipeline import Encoder
+from .train import train
+from .transforms import ImageError
 
 # `encoder train` without --epochs: a fine-tune (--init-from) runs FINETUNE_EPOCHS epochs; a run from
 # scratch the config's epochs, raised (at most 4x) to MIN_STEPS optimizer steps on a small collection
@@ -19,8 +35,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.json"
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import train
-
     cfg = TrainConfig.from_file(args.config)
     updates = {k: v for k, v in (("out", args.out), ("epochs", args.epochs), ("data", args.data),
                                  ("pairs_file", args.pairs), ("init_from", args.init_from)) if v is not None}
@@ -38,22 +52,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .evaluate import encode_collection, evaluate_embeddings, markdown_table
-
     t0 = time.time()
     if args.index:
-        from indexer.evaluation import load_for_evaluation
-
+        searcher = Searcher(args.index, device=args.device)
+        runtime = searcher.encoder.set_text_runtime(args.text_runtime)
         filters = {"split": args.split} if args.split else None
-        images, captions, caption_image, stage_one, score = load_for_evaluation(args.index, filters=filters,
-                                                                                device=args.device)
-        source = f"index {args.index} split={args.split or 'all'}"
+        score = searcher.score if args.alpha is None else searcher.score.model_copy(update={"alpha": args.alpha})
+        res, col = evaluate_index(searcher, filters, k=args.k, modes=args.modes, score=score, workers=args.workers)
+        source = f"index {args.index} split={args.split or 'all'} text={runtime}"
     else:
-        from .init_from import checkpoint_errors, checkpoint_path
-        from .pipeline import Encoder
-
         if not args.data:
             raise ValueError("--data DIR (a folder with images and pairs.jsonl) or --index DIR is required")
         col = load_pairs(args.data, args.pairs, split=args.split)
@@ -62,25 +69,22 @@ def _evaluate(args: argparse.Namespace) -> int:
             encoder = Encoder.from_pretrained(ckpt, device=args.device)
         runtime = encoder.set_text_runtime(args.text_runtime)
         images, captions = encode_collection(encoder, col, workers=args.workers)
-        caption_image = torch.tensor(col.caption_image)
-        stage_one, score = None, encoder.score_config
+        score = encoder.score_config
+        if args.alpha is not None:
+            score = score.model_copy(update={"alpha": args.alpha})
+        res = evaluate_embeddings(images, captions, torch.tensor(col.caption_image), score, k=args.k, modes=args.modes)
         source = f"{args.data} split={args.split or 'all'} checkpoint={args.checkpoint or 'default'} text={runtime}"
-    encode_s = time.time() - t0
-    if args.alpha is not None:
-        score = score.model_copy(update={"alpha": args.alpha})
-    res = evaluate_embeddings(images, captions, caption_image, score, k=args.k, modes=args.modes, stage_one=stage_one)
-    n_img, n_cap = images.global_.shape[0], captions.global_.shape[0]
-    print(f"{source}: {n_img} images x {n_cap} captions, encoding {encode_s:.1f} s")
+    seconds = time.time() - t0
+    n_img, n_cap = len(col.images), len(col.captions)
+    print(f"{source}: {n_img} images x {n_cap} captions, {seconds:.1f} s")
     print(markdown_table(res))
     if args.json:
-        doc = {**res, "images": n_img, "captions": n_cap, "encode_seconds": round(encode_s, 2), "source": source}
+        doc = {**res, "images": n_img, "captions": n_cap, "seconds": round(seconds, 2), "source": source}
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 
 def _fit_route(args: argparse.Namespace) -> int:
-    from .fit_route import fit
-
     t0 = time.time()
     out = fit(args.checkpoint, args.data, args.ood or [], args.out, workers=args.workers, route_from=args.route_from)
     print(f"checkpoint with the label route written to {out} in {time.time() - t0:.0f} s "
@@ -89,8 +93,6 @@ def _fit_route(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from .confidence import calibrate, platt_text
-
     t0 = time.time()
     summary = calibrate(args.checkpoint, args.data, args.split, args.extra or [], device=args.device,
                         workers=args.workers)
@@ -167,9 +169,6 @@ def _one_line(e: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data import CollectionError
-    from .model import CheckpointError
-    from .transforms import ImageError
 
     try:
         return args.func(args)

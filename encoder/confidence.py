@@ -14,10 +14,13 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .config import ModelConfig, ScoreConfig
 from .heads import Embeddings
+from .protocol import owners
+from .ranking import MemoryGallery, rank
 
 TOP = 10  # results per query that the fit (and the benchmark) looks at: a typical result page
 DEPTH = 100  # stage-one candidates re-ranked per query (the service's default depth)
@@ -71,25 +74,18 @@ def fit_platt(scores: torch.Tensor, labels: torch.Tensor, iters: int = 50) -> tu
 def top_results(images: Embeddings, captions: Embeddings, caption_image: torch.Tensor, score: ScoreConfig,
                 top: int = TOP, depth: int = DEPTH) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Per mode, per direction ("t2i": caption queries, "i2t": image queries): (scores [Q, n],
-    is-a-match [Q, n]) of every query's top n = min(top, gallery) results, best first.
-
-    Re-rank mode scores stage one's `depth` candidates with the fused score, exactly as the
-    evaluation's two-stage mode does; global mode ranks the whole gallery by the global score."""
-    from .evaluate import exact_stage_one, stage_two_inputs
-    from .similarity import fuse
-
-    caption_image = caption_image.to(images.global_.device)
-    parts = stage_two_inputs(images, captions, exact_stage_one(images, captions), depth, score.local_reduce)
+    is-a-match [Q, n]) of every query's top n = min(top, gallery) results, best first, as the
+    search engine ranks them (`ranking.rank`: re-rank mode fuses stage one's `depth` candidates)."""
+    gallery = MemoryGallery(images, captions)
+    owner = caption_image.cpu().numpy()
     out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {m: {} for m in MODES}
-    for direction, queries in (("t2i", captions), ("i2t", images)):
-        s, cand, loc = parts[direction]
-        fused = fuse(torch.gather(s, 1, cand), loc, score, queries.domain)
-        rr_scores, at = fused.topk(min(top, fused.shape[1]), dim=1)
-        ranked = {"rerank": (rr_scores, torch.gather(cand, 1, at)), "global": s.topk(min(top, s.shape[1]), dim=1)}
-        for mode, (sc, ids) in ranked.items():
-            rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
-            match = caption_image[rows] == ids if direction == "t2i" else caption_image[ids] == rows
-            out[mode][direction] = (sc.float().cpu(), match.cpu())
+    for direction, queries, kind in (("t2i", captions, "image"), ("i2t", images, "caption")):
+        n = min(top, gallery.items[kind].global_.shape[0])
+        for mode in MODES:
+            r = rank(gallery, score, queries, direction == "t2i", kind, n, depth, rerank=mode == "rerank")
+            key = r.ids if direction == "t2i" else owners(r.ids, owner)
+            target = owner if direction == "t2i" else np.arange(len(queries.global_))
+            out[mode][direction] = (r.score.float(), torch.from_numpy(key == target[:, None]))
     return out
 
 

@@ -1,14 +1,19 @@
-"""Evaluation in three modes -- global only, two-stage, exhaustive -- from embeddings.
+"""Evaluation in three modes -- global only, two-stage, exhaustive -- through the search engine.
 
-`evaluate_embeddings` is the single implementation: the trainer calls it on cached features
-each epoch, `encoder evaluate` on freshly encoded collections, and `--index` on the vectors an
-index stores (with that index's FAISS search as stage one).
+`evaluate` ranks every caption (text->image) and every image (image->text) with
+`encoder.ranking.rank`, the pipeline the service's `Searcher` runs for one query, over a
+gallery: a collection held in memory (`MemoryGallery`: training's validation, `encoder
+evaluate --data`) or a built index (`encoder evaluate --index`, queries encoded fresh with the
+service's text runtime). The protocol (R@K from the ranked lists, a stage-one miss ranking after
+K) is `encoder.protocol`. Exhaustive mode (MrSw against every item) is a research mode the
+service does not serve; it scores the dense matrices directly.
 """
 from __future__ import annotations
 
 import time
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -17,89 +22,74 @@ from .config import ScoreConfig
 from .data import Collection
 from .heads import Embeddings
 from .pipeline import Encoder
-from .protocol import ranks_full, ranks_two_stage, recall_table
-from .similarity import fuse, global_scores, mrsw_chunked, mrsw_pairs
+from .protocol import owners, ranks_full, ranks_in_lists, recall_table
+from .ranking import Gallery, MemoryGallery, rank
+from .similarity import fuse, global_scores, mrsw_chunked
 from .transforms import ImageError, load_image
 
 MODES = ("global", "two_stage", "exhaustive")
-# stage one: (query globals, direction "t2i"/"i2t", K) -> (global scores [Q, G], candidates [Q, K])
-StageOne = Callable[[torch.Tensor, str, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-def exact_stage_one(images: Embeddings, captions: Embeddings) -> StageOne:
-    def run(q: torch.Tensor, direction: str, k: int):
-        gallery = images.global_ if direction == "t2i" else captions.global_
-        s = global_scores(q, gallery)
-        return s, s.topk(min(k, s.shape[1]), dim=1).indices
-    return run
-
-
-def rerank_candidates(images: Embeddings, captions: Embeddings, cand_t2i: torch.Tensor,
-                      cand_i2t: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """MrSw of both directions' stage-one candidates: cand_t2i [M, K] image ids per caption and
-    cand_i2t [N, K'] caption ids per image -> scores of the same shapes.
-
-    The two lists mostly name the same pairs (a caption whose image ranks it in the top K is
-    nearly always in that image's top K too: at K = 100 on Flickr8k's 1K test, every one of
-    the 100k image->text pairs is among the 500k text->image ones), so the union is scored
-    once with `mrsw_pairs`, where the words are always the caption side.
-    """
-    M, K1 = cand_t2i.shape
-    N, K2 = cand_i2t.shape
-    dev = cand_t2i.device
-    cap = torch.cat([torch.arange(M, device=dev).repeat_interleave(K1), cand_i2t.reshape(-1)])
-    img = torch.cat([cand_t2i.reshape(-1), torch.arange(N, device=dev).repeat_interleave(K2)])
-    pairs, back = torch.unique(cap * N + img, return_inverse=True)
-    loc = mrsw_pairs(captions.tokens, captions.mask, images.tokens, images.mask,
-                     torch.div(pairs, N, rounding_mode="floor"), pairs % N, reduce)[back]
-    return loc[:M * K1].view(M, K1), loc[M * K1:].view(N, K2)
-
-
-def stage_two_inputs(images: Embeddings, captions: Embeddings, stage_one: StageOne, k: int,
-                     reduce: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per direction ("t2i", "i2t"): stage one's global scores [Q, G], its K candidates [Q, K]
-    and their MrSw [Q, K] -- what fusing, ranking and score calibration all start from."""
-    first = {"t2i": stage_one(captions.global_, "t2i", k), "i2t": stage_one(images.global_, "i2t", k)}
-    local = rerank_candidates(images, captions, first["t2i"][1], first["i2t"][1], reduce)
-    return {d: (s, cand, loc) for (d, (s, cand)), loc in zip(first.items(), local)}
 
 
 @torch.inference_mode()
-def evaluate_embeddings(images: Embeddings, captions: Embeddings, caption_image: torch.Tensor, score: ScoreConfig,
-                        k: int = 100, modes: Sequence[str] = MODES, stage_one: StageOne | None = None) -> dict:
-    """Metrics per mode, each with R@1/5/10 both ways, rsum, median ranks and `seconds`."""
-    stage_one = stage_one or exact_stage_one(images, captions)
+def evaluate(gallery: Gallery, images: Embeddings, captions: Embeddings, caption_image: torch.Tensor,
+             score: ScoreConfig, k: int = 100, modes: Sequence[str] = MODES, image_ids: np.ndarray | None = None,
+             caption_ids: np.ndarray | None = None, restrict: bool = False) -> dict:
+    """Metrics per mode, each with R@1/5/10 both ways, rsum, median ranks and `seconds`.
+
+    `images` and `captions` are the queries (one per evaluated item); `image_ids` and
+    `caption_ids` name the same items in `gallery` (default: positions, a `MemoryGallery` of
+    them); `restrict` keeps the search inside those ids (an index holding more than the split).
+    """
     N, M = images.global_.shape[0], captions.global_.shape[0]
-    dev = images.global_.device
-    gt_t2i = torch.zeros(M, N, dtype=torch.bool, device=dev)
-    gt_t2i[torch.arange(M, device=dev), caption_image.to(dev)] = True
-    gt_i2t = gt_t2i.T.contiguous()
+    image_ids = np.arange(N) if image_ids is None else np.asarray(image_ids, np.int64)
+    caption_ids = np.arange(M) if caption_ids is None else np.asarray(caption_ids, np.int64)
+    owner = caption_image.cpu().numpy()
+    allow = {"image": image_ids, "caption": caption_ids} if restrict else {"image": None, "caption": None}
+
+    def ranks(mode_k: int, depth: int, rerank: bool) -> dict[str, np.ndarray]:
+        t2i = rank(gallery, score, captions, True, "image", mode_k or N, depth, rerank, allow["image"])
+        i2t = rank(gallery, score, images, False, "caption", mode_k or M, depth, rerank, allow["caption"])
+        t2i_pos = _positions(t2i.ids, image_ids)
+        cap_pos = _positions(i2t.ids, caption_ids)
+        return {"t2i": ranks_in_lists(t2i_pos, owner), "i2t": ranks_in_lists(owners(cap_pos, owner), np.arange(N))}
+
     results: dict[str, dict] = {}
-    if "global" in modes:
+    if "global" in modes:  # every item ranked: exact median ranks
         t0 = time.perf_counter()
-        s_t2i, _ = stage_one(captions.global_, "t2i", 1)
-        s_i2t, _ = stage_one(images.global_, "i2t", 1)
-        r = recall_table(ranks_full(s_i2t, gt_i2t), ranks_full(s_t2i, gt_t2i))
-        results["global"] = {**r, "seconds": round(time.perf_counter() - t0, 3)}
+        r = ranks(0, 0, rerank=False)
+        results["global"] = {**recall_table(r["i2t"], r["t2i"]), "seconds": round(time.perf_counter() - t0, 3)}
     if "two_stage" in modes:
         t0 = time.perf_counter()
-        parts = stage_two_inputs(images, captions, stage_one, k, score.local_reduce)
-        ranks = {}
-        for direction, gt in (("t2i", gt_t2i), ("i2t", gt_i2t)):
-            s, cand, loc = parts[direction]
-            dom = (captions if direction == "t2i" else images).domain
-            ranks[direction] = ranks_two_stage(s, cand, fuse(torch.gather(s, 1, cand), loc, score, dom), gt)
-        r = recall_table(ranks["i2t"], ranks["t2i"])
-        results["two_stage"] = {**r, "k": k, "seconds": round(time.perf_counter() - t0, 3)}
+        r = ranks(k, k, rerank=True)
+        results["two_stage"] = {**recall_table(r["i2t"], r["t2i"]), "k": k,
+                                "seconds": round(time.perf_counter() - t0, 3)}
     if "exhaustive" in modes:
         t0 = time.perf_counter()
         s = global_scores(captions.global_, images.global_)
         loc = mrsw_chunked(captions.tokens, captions.mask, images.tokens, images.mask, score.local_reduce)
         t2i = fuse(s, loc, score, captions.domain)  # each query's own re-rank weight
         i2t = fuse(s.T, loc.T, score, images.domain)
-        r = recall_table(ranks_full(i2t, gt_i2t), ranks_full(t2i, gt_t2i))
+        gt = torch.zeros(M, N, dtype=torch.bool)
+        gt[torch.arange(M), caption_image.cpu()] = True
+        r = recall_table(ranks_full(i2t.cpu(), gt.T), ranks_full(t2i.cpu(), gt))
         results["exhaustive"] = {**r, "seconds": round(time.perf_counter() - t0, 3)}
     return results
+
+
+def evaluate_embeddings(images: Embeddings, captions: Embeddings, caption_image: torch.Tensor, score: ScoreConfig,
+                        k: int = 100, modes: Sequence[str] = MODES) -> dict:
+    """`evaluate` of a collection's embeddings searched in memory, the items themselves the queries."""
+    return evaluate(MemoryGallery(images, captions), images, captions, caption_image, score, k, modes)
+
+
+def _positions(ids: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Gallery ids [Q, w] -> positions in `known` (-1: not one of them, or no id)."""
+    if len(known) == 0:
+        return np.full(ids.shape, -1)
+    order = np.argsort(known, kind="stable")
+    srt = known[order]
+    at = np.clip(np.searchsorted(srt, ids), 0, len(srt) - 1)
+    return np.where((ids >= 0) & (srt[at] == ids), order[at], -1)
 
 
 # ---------------------------------------------------------------- encoding a collection

@@ -1,8 +1,8 @@
 """The standard cross-modal retrieval protocol, computed from score matrices.
 
 Ranks are 0-based; a query's rank is that of its best-ranked ground truth (image->text has
-several captions per image). Two-stage ranks are exact: a ground truth that stage one missed
-ranks after all K candidates, by its global score among the rest, and is never a hit.
+several captions per image). Ranks come from what the search engine returns: a ground truth
+missing from a query's list (stage one missed it) ranks after the whole list and is never a hit.
 """
 from __future__ import annotations
 
@@ -16,18 +16,19 @@ def ranks_full(scores: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
     return (scores > best).sum(1).cpu().numpy()
 
 
-def ranks_two_stage(global_s: torch.Tensor, cand: torch.Tensor, cand_s: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
-    """global_s [Q, G]; cand [Q, K] stage-one candidate ids; cand_s [Q, K] re-rank scores."""
-    K = cand.shape[1]
-    gt_c = torch.gather(gt, 1, cand)  # [Q, K]
-    best_c = cand_s.masked_fill(~gt_c, float("-inf")).max(dim=1, keepdim=True).values
-    rank_in = (cand_s > best_c).sum(1)
-    in_cand = gt_c.any(1)
-    outside = torch.ones_like(gt)
-    outside.scatter_(1, cand, False)
-    best_g = global_s.masked_fill(~(gt & outside), float("-inf")).max(dim=1, keepdim=True).values
-    rank_out = K + ((global_s > best_g) & outside).sum(1)
-    return torch.where(in_cand, rank_in, rank_out).cpu().numpy()
+def ranks_in_lists(ranked: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """ranked [Q, w]: the ground-truth key of each returned item, best first (-1: none); target
+    [Q]: each query's key -> rank of its first match; a query whose match is not in its list
+    (a stage-one miss, or past the list) ranks w, after everything returned."""
+    ranked = np.asarray(ranked)
+    hit = ranked == np.asarray(target)[:, None]
+    first = hit.argmax(1)
+    return np.where(hit.any(1), first, ranked.shape[1])
+
+
+def owners(caption_ids: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
+    """Ranked caption positions [Q, w] (-1: none) -> the position of each one's image (-1: none)."""
+    return np.where(caption_ids >= 0, caption_image[np.maximum(caption_ids, 0)], -1)
 
 
 def recall_table(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float]:

@@ -59,58 +59,6 @@ def mrsw_chunked(words: torch.Tensor, word_mask: torch.Tensor, cells: torch.Tens
     return out
 
 
-def mrsw_pairs(words: torch.Tensor, word_mask: torch.Tensor, cells: torch.Tensor, cell_mask: torch.Tensor,
-               caption: torch.Tensor, image: torch.Tensor, reduce: str = "mean",
-               rows_per_op: int = 2**15) -> torch.Tensor:
-    """MrSw of P chosen (caption, image) pairs: caption[p] x image[p] -> [P].
-
-    Stage two of an evaluation scores a sparse set of pairs. Gathering each pair's token block
-    copies the image grid once per pair (a 49x256 float block for a few hundred multiply-adds
-    per cell); here the captions' real words are laid flat once, the pairs are grouped by
-    image, and each image's cells meet all the words of its captions in one batched GEMM (a
-    few images of similar word counts per call), so only the words are gathered.
-    """
-    dev = words.device
-    lengths = word_mask.sum(1)
-    flat = words[word_mask]  # [W, D], each caption's real words back to back
-    starts = torch.cumsum(lengths, 0) - lengths
-    order = torch.argsort(image, stable=True)  # pairs grouped by image
-    n = lengths[caption[order]]
-    owner = torch.repeat_interleave(torch.arange(order.numel(), device=dev), n)  # sorted pair of each word row
-    rows = starts[caption[order]][owner] + torch.arange(owner.numel(), device=dev) - (torch.cumsum(n, 0) - n)[owner]
-    images, counts = torch.unique_consecutive(image[order], return_counts=True)
-    word_counts = torch.zeros(len(images), dtype=n.dtype, device=dev).index_add_(
-        0, torch.repeat_interleave(torch.arange(len(images), device=dev), counts), n)
-    first_row = torch.cumsum(word_counts, 0) - word_counts  # each image's span in rows / best
-    best = torch.zeros(owner.numel(), dtype=words.dtype, device=dev)
-    full = bool(cell_mask.all())
-    # images of similar word counts share one padded bmm, so ops stay few and large: thousands
-    # of millisecond-sized ops stall on every preemption when the cores are shared
-    by_size = torch.argsort(word_counts)
-    sizes = word_counts[by_size].tolist()
-    i = 0
-    while owner.numel() and i < len(sizes):
-        j = i + 1
-        while j < len(sizes) and sizes[j] * (j - i + 1) <= rows_per_op:
-            j += 1
-        sel, width = by_size[i:j], sizes[j - 1]
-        i = j
-        if width == 0:
-            continue
-        span = first_row[sel][:, None] + torch.arange(width, device=dev)[None, :]  # [g, width]
-        valid = torch.arange(width, device=dev)[None, :] < word_counts[sel][:, None]
-        span = span.clamp(max=owner.numel() - 1)  # padding reads some real row; masked below
-        sim = torch.bmm(cells[images[sel]], flat[rows[span]].transpose(1, 2))  # [g, cells, width]
-        if not full:
-            sim = sim.masked_fill(~cell_mask[images[sel]][:, :, None], NEG)
-        best[span[valid]] = sim.amax(dim=1)[valid]
-    out = torch.empty(caption.numel(), dtype=words.dtype, device=dev)
-    out[order] = torch.zeros(order.numel(), dtype=words.dtype, device=dev).index_add_(0, owner, best)
-    if reduce == "sum":
-        return out
-    return out / lengths[caption].clamp(min=1).to(out.dtype)
-
-
 def word_alignment(words: torch.Tensor, word_mask: torch.Tensor, cells: torch.Tensor,
                    cell_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For one caption against N images: the best cell index and its score for every word.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +25,14 @@ from transformers import AutoTokenizer
 from .backbones import HiddenBatch, TokenBatch, build_image_backbone, build_text_backbone, minilm_path
 from .config import ScoreConfig, TrainConfig
 from .data import load_pairs
-from .evaluate import evaluate_embeddings, exact_stage_one, markdown_table, stage_two_inputs
+from .evaluate import evaluate_embeddings, markdown_table
 from .features import cache_complete, cache_image_tokens, cache_name, cache_text_hidden, cache_text_tokens, load_cached
 from .heads import Embeddings
 from .init_from import branches_and_towers, finetune_config, load_source, with_word_mask
 from .loss import cmc_loss
 from .model import TGDTModel
-from .protocol import ranks_two_stage, recall_table
-from .similarity import fuse
+from .protocol import owners, ranks_in_lists, recall_table
+from .ranking import MemoryGallery, candidates, order
 from .small_collections import SplitPlan, TooFewPairs, batch_size_for, epochs_for, plan_split
 from .train_pooled import pooled_inputs, train_pooled_towers
 from .words import caption_content
@@ -221,22 +221,24 @@ def embed_split(model: TGDTModel, feats: Features, imgs: torch.Tensor, caps: tor
 @torch.no_grad()
 def calibrate_score(images: Embeddings, captions: Embeddings, caption_image: torch.Tensor, k: int,
                     reduce: str, alphas=tuple(np.round(np.linspace(0, 1, 21), 2))) -> tuple[ScoreConfig, dict]:
-    """Standardise global and local scores on the stage-one candidates, pick alpha by val rsum."""
-    N, M = images.global_.shape[0], captions.global_.shape[0]
-    gt = torch.zeros(M, N, dtype=torch.bool)
-    gt[torch.arange(M), caption_image] = True
-    parts = {d: (s, cand, torch.gather(s, 1, cand), loc, gt if d == "t2i" else gt.T)
-             for d, (s, cand, loc) in stage_two_inputs(images, captions, exact_stage_one(images, captions),
-                                                       k, reduce).items()}
-    gs = torch.cat([p[2].reshape(-1) for p in parts.values()])
-    ls = torch.cat([p[3].reshape(-1) for p in parts.values()])
+    """Standardise global and local scores on the stage-one candidates, pick alpha by val rsum.
+
+    The candidates come from the search engine once (`ranking.candidates`); each alpha re-fuses
+    and re-orders them (`ranking.order`), exactly as a search with that alpha would."""
+    gallery = MemoryGallery(images, captions)
+    found = {"t2i": replace(candidates(gallery, captions, True, "image", k, True, reduce), domain=None),
+             "i2t": replace(candidates(gallery, images, False, "caption", k, True, reduce), domain=None)}
+    gs = torch.cat([c.global_[torch.from_numpy(c.valid)] for c in found.values()])
+    ls = torch.cat([c.local[torch.from_numpy(c.valid)] for c in found.values()])
     base = dict(global_mean=float(gs.mean()), global_std=float(gs.std()) or 1.0,
                 local_mean=float(ls.mean()), local_std=float(ls.std()) or 1.0, local_reduce=reduce)
+    owner = caption_image.cpu().numpy()
     best, table = None, {}
     for a in alphas:
         sc = ScoreConfig(alpha=float(a), **base)
-        r = {d: ranks_two_stage(p[0], p[1], fuse(p[2], p[3], sc), p[4]) for d, p in parts.items()}
-        rsum = recall_table(r["i2t"], r["t2i"])["rsum"]
+        t2i, i2t = order(found["t2i"], sc, k), order(found["i2t"], sc, k)
+        rsum = recall_table(ranks_in_lists(owners(i2t.ids, owner), np.arange(len(images.global_))),
+                            ranks_in_lists(t2i.ids, owner))["rsum"]
         table[float(a)] = rsum
         if best is None or rsum > best[1]:
             best = (sc, rsum)

@@ -8,6 +8,7 @@ same `encoder.similarity` functions training and evaluation use.
 """
 from __future__ import annotations
 
+import posixpath
 import threading
 import time
 from dataclasses import dataclass
@@ -17,10 +18,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from encoder.confidence import calibration, confidence
+from encoder.config import ScoreConfig
+from encoder.model import CheckpointError, checkpoint_digest
+from encoder.pipeline import Encoder
+from encoder.ranking import Ranked, order, rank, stage_two
+from encoder.similarity import local_from_flat, word_alignment
+from encoder.words import is_content
+
 from . import faiss_index, metadata
 from .info import index_info
-from .results import Hit, SearchError, SearchResult
+from .inputs import relative_inside
 from .manifest import CODEC, FAISS, META, IndexFormatError, Manifest, read_manifest
+from .results import Hit, SearchError, SearchResult
 from .tokenstore import KINDS, Segment, TokenCodec, gather_rows, pad_blocks
 
 MODES = ("rerank", "global")
@@ -92,8 +102,6 @@ class IndexStore:
         self.info = index_info(self.index_dir, m, faiss_ntotal={k: int(v.ntotal) for k, v in self.faiss.items()})
 
     def score_config(self):
-        from encoder.config import ScoreConfig
-
         return ScoreConfig.model_validate(self.manifest.model.get("score", {}))
 
     # ------------------------------------------------------------------ storage access
@@ -130,12 +138,57 @@ class IndexStore:
         tokens, mask = pad_blocks(flat, lengths)
         return Gathered(glob, tokens, mask)
 
-    def _globals(self, kind: str, ids: np.ndarray) -> np.ndarray:
+    # ------------------------------------------------------------------ the Gallery of encoder.ranking
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def tokens_dim(self) -> int:
+        return self.manifest.tokens_dim
+
+    def allowed(self, kind: str, filters: dict | None) -> np.ndarray | None:
+        """Ids of `kind` a metadata filter lets through (None: no filter)."""
+        if not filters:
+            return None
+        try:
+            return np.array(metadata.matching_ids(self._con(), kind, filters, self.metadata_fields), np.int64)
+        except metadata.FilterError as e:
+            raise SearchError(str(e)) from None
+
+    def stage_one(self, kind: str, queries: np.ndarray, k: int, allow: np.ndarray | None = None) -> np.ndarray:
+        """FAISS top-k ids, filters and tombstones applied inside FAISS (ID selectors), so a
+        selective filter still yields k real candidates."""
+        deny = self.tables[kind].deleted_ids
+        deny = deny if len(deny) else None
+        index = self.faiss[kind] if (allow is not None or deny is not None) else self.faiss_gpu[kind]
+        _, ids = faiss_index.search(index, queries, k, self.manifest.faiss[kind], allow=allow, deny=deny)
+        return ids
+
+    def globals(self, kind: str, ids: np.ndarray) -> np.ndarray:
         seg_of, pos = self.tables[kind].locate(np.asarray(ids, np.int64))
         out = np.zeros((len(ids), self.manifest.dim), np.float32)
         for s in np.unique(seg_of):
             sel = seg_of == s
             out[sel] = self.segments[int(s)].kinds[kind]["global"][pos[sel]]
+        return out
+
+    def local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
+                     query_is_text: bool, reduce: str) -> torch.Tensor:
+        """MrSw of one query [T, D] against each of `ids`, scored from the stored rows.
+
+        The stored codes go straight into one GEMM per segment (`TokenCodec.scores`) and MrSw
+        is taken over the flat score matrix: no decoded, padded [K, S, D] candidate block.
+        """
+        seg_of, pos = self.tables[kind].locate(np.asarray(ids, np.int64))
+        out = torch.zeros(len(ids))
+        for s in np.unique(seg_of):
+            sel = np.nonzero(seg_of == s)[0]
+            data = self.segments[int(s)].kinds[kind]
+            p = pos[sel]
+            codes, lens = gather_rows(data["rows"], data["offsets"][p], data["lengths"][p])
+            sim = self.codecs[kind].scores(qt, codes)
+            out[torch.from_numpy(sel)] = local_from_flat(sim, qm, torch.from_numpy(lens), query_is_text, reduce)
         return out
 
 
@@ -144,9 +197,6 @@ class Searcher(IndexStore):
         super().__init__(index_dir)
         m = self.manifest
         if encoder is None:
-            from encoder.model import CheckpointError, checkpoint_digest
-            from encoder.pipeline import Encoder
-
             try:
                 if check_model and checkpoint_digest(m.checkpoint) != m.checkpoint_digest:
                     raise IndexFormatError(f"{self.index_dir} was built with checkpoint {m.checkpoint_digest[:12]}, "
@@ -192,6 +242,42 @@ class Searcher(IndexStore):
         pairs), so it ranks by the global score whatever the mode, and its hits carry no confidence.
         """
         t_start = time.perf_counter()
+        kind = self._target_kind(query_kind, target, k, candidates, mode)
+        cross = (query_kind == "text") != (kind == "caption")
+        rerank = mode == "rerank" and cross
+        timings = {"encode": encode_seconds}
+        t0 = time.perf_counter()
+        allow = self.allowed(kind, filters)
+        if (allow is not None and len(allow) == 0) or len(self.tables[kind].live_ids) == 0:
+            timings.update(faiss=time.perf_counter() - t0, rerank=0.0)
+            timings["total"] = encode_seconds + time.perf_counter() - t_start
+            return SearchResult([], timings, 0)
+        depth = max(k, candidates) if rerank else k
+        ids = self.stage_one(kind, query.global_.reshape(1, -1).float().cpu().numpy(), depth, allow)
+        timings["faiss"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        found = stage_two(self, query[:1], query_kind == "text", kind, ids, rerank, self.score.local_reduce)
+        r = order(found, self.score, k)
+        timings["rerank"] = time.perf_counter() - t0
+        n = int((r.ids[0] >= 0).sum())
+        conf = self.confidences(r.score[0, :n], "rerank" if rerank else "global") if cross else None
+        part = lambda t: None if t is None else t[0, :n]  # noqa: E731
+        hits = self._hits(kind, r.ids[0, :n], r.score[0, :n], r.global_[0, :n], part(r.local), conf, part(r.label))
+        if explain and hits:
+            self._explain(hits, query, query_kind, kind, words)
+        timings["total"] = encode_seconds + time.perf_counter() - t_start
+        return SearchResult(hits, timings, int(r.counts[0]))
+
+    def search_batch(self, queries, query_kind: str, target: str, k: int = 10, candidates: int = 100,
+                     mode: str = "rerank", filters: dict | None = None) -> Ranked:
+        """Many encoded queries at once (evaluation, calibration, benchmarks): ranked ids and
+        score parts, the same pipeline `search_embeddings` runs for one."""
+        kind = self._target_kind(query_kind, target, k, candidates, mode)
+        rerank = mode == "rerank" and (query_kind == "text") != (kind == "caption")
+        return rank(self, self.score, queries, query_kind == "text", kind, k, candidates, rerank,
+                    self.allowed(kind, filters))
+
+    def _target_kind(self, query_kind: str, target: str, k: int, candidates: int, mode: str) -> str:
         if mode not in MODES:
             raise SearchError(f"mode must be one of {MODES}, not {mode!r}")
         if target not in TARGETS:
@@ -200,62 +286,11 @@ class Searcher(IndexStore):
             raise SearchError("query_kind must be 'text' or 'image'")
         if k < 1 or candidates < 1:
             raise SearchError("k and candidates must be >= 1")
-        kind = TARGETS[target]
-        table = self.tables[kind]
-        cross = (query_kind == "text") != (kind == "caption")
-        rerank = mode == "rerank" and cross
-        K = max(k, candidates) if rerank else k
-        q_global = query.global_.reshape(1, -1).float().cpu().numpy()
-        # ---- stage one
-        t0 = time.perf_counter()
-        allow = None
-        if filters:
-            try:
-                allow = np.array(metadata.matching_ids(self._con(), kind, filters, self.metadata_fields), np.int64)
-            except metadata.FilterError as e:
-                raise SearchError(str(e)) from None
-        timings = {"encode": encode_seconds}
-        if (allow is not None and len(allow) == 0) or len(table.live_ids) == 0:
-            timings.update(faiss=time.perf_counter() - t0, rerank=0.0)
-            timings["total"] = encode_seconds + time.perf_counter() - t_start
-            return SearchResult([], timings, 0)
-        deny = table.deleted_ids if len(table.deleted_ids) else None
-        index = self.faiss[kind] if (allow is not None or deny is not None) else self.faiss_gpu[kind]
-        _, I = faiss_index.search(index, q_global, K, self.manifest.faiss[kind], allow=allow, deny=deny)
-        cand = I[0][I[0] >= 0]
-        timings["faiss"] = time.perf_counter() - t0
-        # ---- stage two
-        t0 = time.perf_counter()
-        glob = self._globals(kind, cand)
-        gscore = torch.from_numpy(glob @ q_global[0])
-        # the label route's part of the global score (`encoder.label_route`): its own columns
-        Dt = self.manifest.tokens_dim
-        label = torch.from_numpy(glob[:, Dt:] @ q_global[0, Dt:]) if self.manifest.dim > Dt else None
-        local = None
-        if rerank and len(cand):
-            from encoder.similarity import fuse
-
-            qt, qm = query.tokens.reshape(-1, query.tokens.shape[-1]).float().cpu(), query.mask.reshape(-1).cpu()
-            local = self.local_scores(kind, cand, qt, qm, query_is_text=(query_kind == "text"))
-            final = fuse(gscore, local, self.score, query.domain)
-        else:
-            final = gscore
-        order = torch.argsort(final, descending=True, stable=True)[:k].numpy()
-        timings["rerank"] = time.perf_counter() - t0
-        conf = self.confidences(final[order], "rerank" if rerank else "global") if cross else None
-        hits = self._hits(kind, cand[order], final[order], gscore[order],
-                          None if local is None else local[order], conf,
-                          None if label is None else label[order])
-        if explain and hits:
-            self._explain(hits, query, query_kind, kind, words)
-        timings["total"] = encode_seconds + time.perf_counter() - t_start
-        return SearchResult(hits, timings, int(len(cand)))
+        return TARGETS[target]
 
     def confidences(self, scores: torch.Tensor, mode: str) -> torch.Tensor | None:
         """Calibrated confidence of final scores of a caption-image search in `mode`, or None
         when the checkpoint has no calibration for it."""
-        from encoder.confidence import calibration, confidence
-
         return confidence(scores, calibration(self.score, mode))
 
     def _hits(self, kind, ids, final, gscore, local, conf=None, label=None) -> list[Hit]:
@@ -297,36 +332,10 @@ class Searcher(IndexStore):
         when they lie inside the images folder, else withheld)."""
         if stored is None or not Path(stored).is_absolute():
             return stored
-        from .inputs import relative_inside
-
         return relative_inside(stored, ".", self.manifest.images_root)
-
-    def local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
-                     query_is_text: bool) -> torch.Tensor:
-        """MrSw of one query [T, D] against each of `ids`, scored from the stored rows.
-
-        The stored codes go straight into one GEMM per segment (`TokenCodec.scores`) and MrSw
-        is taken over the flat score matrix: no decoded, padded [K, S, D] candidate block.
-        """
-        from encoder.similarity import local_from_flat
-
-        seg_of, pos = self.tables[kind].locate(np.asarray(ids, np.int64))
-        out = torch.zeros(len(ids))
-        for s in np.unique(seg_of):
-            sel = np.nonzero(seg_of == s)[0]
-            data = self.segments[int(s)].kinds[kind]
-            p = pos[sel]
-            codes, lens = gather_rows(data["rows"], data["offsets"][p], data["lengths"][p])
-            sim = self.codecs[kind].scores(qt, codes)
-            out[torch.from_numpy(sel)] = local_from_flat(sim, qm, torch.from_numpy(lens), query_is_text,
-                                                         self.score.local_reduce)
-        return out
 
     def _explain(self, hits, query, query_kind, kind, words) -> None:
         """Per hit, every caption word's best image cell (row/col in the grid) and its score."""
-        from encoder.similarity import word_alignment
-        from encoder.words import is_content
-
         gw = self.grid[1]
         qt = query.tokens.reshape(-1, query.tokens.shape[-1]).float().cpu()
         qm = query.mask.reshape(-1).cpu()
@@ -361,8 +370,6 @@ class Searcher(IndexStore):
 
     def item_by_path(self, path: str) -> dict | None:
         """The live image stored under `path` (relative to the images folder, as hits give it)."""
-        import posixpath
-
         name = posixpath.normpath(str(path).strip().replace("\\", "/"))
         r = self._con().execute("SELECT id FROM items WHERE kind='image' AND deleted=0 AND path=? ORDER BY id LIMIT 1",
                                 (name,)).fetchone()
@@ -404,7 +411,7 @@ class Searcher(IndexStore):
             for _ in range(repeats):
                 c = rng.choice(ids, size=min(candidates, len(ids)), replace=False)
                 t0 = time.perf_counter()
-                self.local_scores("image", np.sort(c), qt, qm, query_is_text=True)
+                self.local_scores("image", np.sort(c), qt, qm, True, self.score.local_reduce)
                 times.append((time.perf_counter() - t0) / len(c))
             self._rerank_cost = float(np.median(times))
         return self._rerank_cost

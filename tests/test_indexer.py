@@ -89,7 +89,7 @@ def test_rerank_scores_from_stored_rows_equal_decoded_blocks(tiny_collection, ti
         g = s.gather(kind, ids[::-1].copy())
         ref = mrsw_one(qt, qm, torch.from_numpy(g.tokens), torch.from_numpy(g.mask), query_is_text,
                        s.score.local_reduce)
-        got = s.local_scores(kind, ids[::-1].copy(), qt, qm, query_is_text)
+        got = s.local_scores(kind, ids[::-1].copy(), qt, qm, query_is_text, s.score.local_reduce)
         assert torch.allclose(got, ref, atol=1e-5)
 
 
@@ -152,21 +152,22 @@ def test_search_text_image_filters_explain(built, tiny_collection):
 def test_evaluation_through_index_reproduces_encoder(built, tiny_collection):
     from encoder.data import load_pairs
     from encoder.evaluate import encode_collection, evaluate_embeddings
-    from indexer.evaluation import load_for_evaluation
+    from indexer.evaluation import evaluate_index, index_collection
 
-    images, captions, caption_image, stage_one, score = load_for_evaluation(built)
-    got = evaluate_embeddings(images, captions, caption_image, score, k=4, stage_one=stage_one)
     s = Searcher(built)
-    col = load_pairs(tiny_collection)
-    im2, cap2 = encode_collection(s.encoder, col, workers=0, progress=False)
-    want = evaluate_embeddings(im2, cap2, torch.tensor(col.caption_image), s.encoder.score_config, k=4)
+    got, col = evaluate_index(s, k=4, workers=0, progress=False)
+    col2 = load_pairs(tiny_collection)
+    assert sorted(col.captions) == sorted(col2.captions)
+    im2, cap2 = encode_collection(s.encoder, col2, workers=0, progress=False)
+    want = evaluate_embeddings(im2, cap2, torch.tensor(col2.caption_image), s.encoder.score_config, k=4)
     for mode in ("global", "two_stage", "exhaustive"):
         assert got[mode]["rsum"] == pytest.approx(want[mode]["rsum"])
-    # a filter restricts both galleries
-    images, captions, caption_image, stage_one, _ = load_for_evaluation(built, filters={"n": [0, 1, 2]})
-    assert images.global_.shape[0] == 3 and captions.global_.shape[0] == 6
-    dense, cand = stage_one(captions.global_, "t2i", 2)
-    assert dense.shape == (6, 3) and cand.shape == (6, 2) and int(cand.max()) < 3
+    # a filter restricts both galleries, and the search stays inside them
+    col, img_ids, cap_ids = index_collection(s, filters={"n": [0, 1, 2]})
+    assert len(col.images) == 3 and len(col.captions) == 6 and len(img_ids) == 3 and len(cap_ids) == 6
+    res, _ = evaluate_index(s, filters={"n": [0, 1, 2]}, k=2, modes=("global", "two_stage"), workers=0,
+                            progress=False)
+    assert 0 <= res["two_stage"]["rsum"] <= 600 and res["global"]["t2i_medr"] <= 3
 
 
 def test_bad_inputs_are_reported_not_fatal(tiny_collection, tiny_checkpoint, tmp_path):

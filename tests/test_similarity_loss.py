@@ -1,6 +1,7 @@
 """MrSw masking, fused score, and each CMC loss term on tiny known inputs."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,8 +9,8 @@ import torch.nn.functional as F
 from encoder.config import LossConfig, ScoreConfig
 from encoder.heads import Embeddings
 from encoder.loss import cmc_loss, hinge_hardest, infonce, intra_consistency
-from encoder.evaluate import rerank_candidates
-from encoder.similarity import fuse, mrsw, mrsw_chunked, mrsw_pairs, word_alignment
+from encoder.ranking import MemoryGallery, stage_two
+from encoder.similarity import fuse, mrsw, mrsw_chunked, word_alignment
 
 
 def test_mrsw_each_word_takes_best_cell_and_padding_is_ignored():
@@ -34,21 +35,23 @@ def test_mrsw_variants_agree():
     cm = torch.ones(4, 6, dtype=torch.bool)
     full = mrsw(w, wm, c, cm)
     assert torch.allclose(mrsw_chunked(w, wm, c, cm, budget=50), full, atol=1e-6)
-    # two-stage kernel over per-query candidate lists, both directions, against the full matrix
+    # the search engine's stage two over per-query candidate lists, both directions, against the
+    # training's all-pairs matrix
     words, cells = Embeddings(w[:, 0], w, wm), Embeddings(c[:, 0], c, cm)
-    # both directions at once, scored as the union of their pairs (shared, repeated and one-sided pairs)
-    cand_t2i = torch.tensor([[3, 1], [0, 2], [1, 1], [2, 0], [3, 0]])
-    cand_i2t = torch.tensor([[4, 0, 2], [1, 3, 0], [2, 2, 4], [0, 1, 3]])
-    t2i, i2t = rerank_candidates(cells, words, cand_t2i, cand_i2t, "mean")
-    assert torch.allclose(t2i, full.gather(1, cand_t2i), atol=1e-6)
-    assert torch.allclose(i2t, full.T.gather(1, cand_i2t), atol=1e-6)
+    gallery = MemoryGallery(cells, words)
+    cand_t2i = np.array([[3, 1], [0, 2], [1, 1], [2, 0], [3, 0]])
+    cand_i2t = np.array([[4, 0, 2], [1, 3, 0], [2, 2, 4], [0, 1, 3]])
+    t2i = stage_two(gallery, words, True, "image", cand_t2i, True, "mean").local
+    i2t = stage_two(gallery, cells, False, "caption", cand_i2t, True, "mean").local
+    assert torch.allclose(t2i, full.gather(1, torch.from_numpy(cand_t2i)), atol=1e-6)
+    assert torch.allclose(i2t, full.T.gather(1, torch.from_numpy(cand_i2t)), atol=1e-6)
     idx, score = word_alignment(w[0], wm[0], c, cm)
     assert idx.shape == (4, 7) and (idx[:, ~wm[0]] == -1).all()
     assert torch.allclose((score.sum(1) / wm[0].sum()), full[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
-def test_mrsw_pairs_matches_the_full_matrix_with_padding_on_both_sides(reduce):
+def test_engine_local_scores_match_the_full_matrix_with_padding_on_both_sides(reduce):
     torch.manual_seed(1)
     w = F.normalize(torch.randn(6, 5, 8), dim=-1)
     wm = torch.rand(6, 5) > 0.4
@@ -57,14 +60,16 @@ def test_mrsw_pairs_matches_the_full_matrix_with_padding_on_both_sides(reduce):
     c = F.normalize(torch.randn(3, 4, 8), dim=-1)
     cm = torch.tensor([[True, True, True, True], [True, False, True, False], [False, False, False, True]])
     full = mrsw(w, wm, c, cm, reduce)
-    cap = torch.tensor([0, 1, 2, 3, 4, 5, 5, 2, 1, 3])
-    img = torch.tensor([2, 0, 1, 1, 2, 0, 1, 1, 2, 0])  # repeated pairs, unsorted images
-    got = mrsw_pairs(w, wm, c, cm, cap, img, reduce)
-    assert torch.allclose(got, full[cap, img], atol=1e-6)
-    for rows_per_op in (1, 7):  # one image per batched call, or a few of similar sizes
-        assert torch.allclose(mrsw_pairs(w, wm, c, cm, cap, img, reduce, rows_per_op), got, atol=1e-6)
-    assert got[0] == 0
-    assert mrsw_pairs(w, wm, c, cm, cap[:0], img[:0], reduce).shape == (0,)
+    gallery = MemoryGallery(Embeddings(c[:, 0], c, cm), Embeddings(w[:, 0], w, wm))
+    for cap in range(6):
+        img = np.array([2, 0, 1, 1])  # repeated, unsorted candidates
+        got = gallery.local_scores("image", img, w[cap], wm[cap], True, reduce)
+        assert torch.allclose(got, full[cap, img], atol=1e-6)
+    for im in range(3):
+        caps = np.array([5, 0, 3, 3, 1])
+        got = gallery.local_scores("caption", caps, c[im], cm[im], False, reduce)
+        assert torch.allclose(got, full[caps, im], atol=1e-6)
+    assert gallery.local_scores("image", np.array([0]), w[0], wm[0], True, reduce).item() == 0
 
 
 def test_fuse_standardises_then_mixes():

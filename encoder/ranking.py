@@ -1,0 +1,163 @@
+"""Two-stage ranking: the one search pipeline, batched, over any gallery.
+
+    stage one  gallery.stage_one: top-K ids by the global inner product (FAISS, or exact)
+    stage two  exact global scores of the K, MrSw of the query's tokens against theirs
+               (`gallery.local_scores`: both galleries score with `similarity.local_from_flat`), `fuse`, a
+               stable sort: ties keep stage one's order
+
+`candidates()` runs both stages and keeps the raw parts; `order()` fuses and ranks them. The
+service's `Searcher` (one query), `encoder evaluate` (thousands), the end-of-training
+calibration (the same candidates re-fused for each alpha) and the benchmarks all go through
+these two functions, so what is measured is what is served. A gallery is a built index
+(`indexer.searcher.IndexStore`) or a collection held in memory (`MemoryGallery`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .config import ScoreConfig
+from .heads import Embeddings
+from .similarity import NEG, fuse, local_from_flat
+
+KINDS = ("image", "caption")
+
+
+class Gallery(Protocol):
+    """What two-stage ranking needs from a searchable collection of images and captions."""
+
+    dim: int  # global vector width
+    tokens_dim: int  # token width; global columns past it are the label route's
+
+    def stage_one(self, kind: str, queries: np.ndarray, k: int, allow: np.ndarray | None = None) -> np.ndarray:
+        """[Q, D] global query vectors -> [Q, k] ids of `kind` by global score (-1 where fewer)."""
+        ...
+
+    def globals(self, kind: str, ids: np.ndarray) -> np.ndarray:
+        """The exact stored global vectors [n, D] of `ids`."""
+        ...
+
+    def local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
+                     query_is_text: bool, reduce: str) -> torch.Tensor:
+        """MrSw of one query's tokens qt [T, Dt] (mask qm [T]) against each of `ids` -> [n]."""
+        ...
+
+
+@dataclass
+class Candidates:
+    """Stage one's K candidates per query and their raw scores (rows padded with id -1)."""
+
+    ids: np.ndarray  # [Q, K] int64
+    global_: torch.Tensor  # [Q, K] exact global score
+    local: torch.Tensor | None  # [Q, K] MrSw (None: global mode)
+    label: torch.Tensor | None  # [Q, K] the label route's part of global_ (None: no route)
+    domain: torch.Tensor | None  # [Q] the queries' in-domain-ness (sets each query's re-rank weight)
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.ids >= 0
+
+
+@dataclass
+class Ranked:
+    """Each query's hits best first: ids [Q, k] (-1 past the last hit) and the score parts."""
+
+    ids: np.ndarray
+    score: torch.Tensor
+    global_: torch.Tensor
+    local: torch.Tensor | None
+    label: torch.Tensor | None
+    counts: np.ndarray  # [Q] candidates stage one found
+
+
+def candidates(gallery: Gallery, queries: Embeddings, query_is_text: bool, kind: str, depth: int,
+               rerank: bool, reduce: str, allow: np.ndarray | None = None) -> Candidates:
+    """Stage one for every query at once, then stage two."""
+    ids = gallery.stage_one(kind, queries.global_.float().cpu().numpy(), depth, allow)
+    return stage_two(gallery, queries, query_is_text, kind, ids, rerank, reduce)
+
+
+def stage_two(gallery: Gallery, queries: Embeddings, query_is_text: bool, kind: str, ids: np.ndarray,
+              rerank: bool, reduce: str, rows_per_step: int = 2**16) -> Candidates:
+    """Each query's stage-one candidates `ids` [Q, K] (valid ids first, then -1) scored exactly:
+    global (and label-route) scores for many queries per gather, MrSw query by query."""
+    q = queries.global_.float().cpu()
+    Q, K = ids.shape
+    valid = ids >= 0
+    Dt = gallery.tokens_dim
+    glob = torch.full((Q, K), NEG)
+    label = torch.zeros(Q, K) if gallery.dim > Dt else None
+    if valid.any():
+        safe = np.where(valid, ids, ids[valid][0])  # padding reads a real row, masked below
+        step = max(1, rows_per_step // max(1, K))
+        for s in range(0, Q, step):
+            vec = torch.from_numpy(gallery.globals(kind, safe[s:s + step].reshape(-1))).view(-1, K, gallery.dim)
+            glob[s:s + step] = torch.einsum("qkd,qd->qk", vec, q[s:s + step])
+            if label is not None:
+                label[s:s + step] = torch.einsum("qkd,qd->qk", vec[..., Dt:], q[s:s + step, Dt:])
+        glob = glob.masked_fill(torch.from_numpy(~valid), NEG)
+        if label is not None:
+            label = label.masked_fill(torch.from_numpy(~valid), 0.0)
+    local = None
+    if rerank:
+        local = torch.full((Q, K), NEG)
+        qt_all, qm_all = queries.tokens.float().cpu(), queries.mask.cpu()
+        for r in range(Q):
+            n = int(valid[r].sum())
+            if n:
+                local[r, :n] = gallery.local_scores(kind, ids[r, :n], qt_all[r], qm_all[r], query_is_text, reduce)
+    return Candidates(ids, glob, local, label, None if queries.domain is None else queries.domain.cpu())
+
+
+def order(c: Candidates, score: ScoreConfig, k: int) -> Ranked:
+    """Fuse (or keep the global score in global mode) and rank each query's candidates."""
+    final = c.global_ if c.local is None else fuse(c.global_, c.local, score, c.domain)
+    final = final.masked_fill(torch.from_numpy(~c.valid), float("-inf"))
+    k = min(k, c.ids.shape[1])
+    at = torch.argsort(final, dim=1, descending=True, stable=True)[:, :k]
+    take = lambda t: None if t is None else torch.gather(t, 1, at)  # noqa: E731
+    ids = np.take_along_axis(c.ids, at.numpy(), axis=1)
+    return Ranked(ids, take(final), take(c.global_), take(c.local), take(c.label), c.valid.sum(1))
+
+
+def rank(gallery: Gallery, score: ScoreConfig, queries: Embeddings, query_is_text: bool, kind: str, k: int,
+         depth: int, rerank: bool, allow: np.ndarray | None = None) -> Ranked:
+    """The whole pipeline: top `k` of `depth` stage-one candidates per query."""
+    depth = max(k, depth) if rerank else k
+    return order(candidates(gallery, queries, query_is_text, kind, depth, rerank, score.local_reduce, allow),
+                 score, k)
+
+
+class MemoryGallery:
+    """A collection's embeddings held in memory, searched exactly (`encoder evaluate --data`,
+    training's validation and calibration). Ids are positions."""
+
+    def __init__(self, images: Embeddings, captions: Embeddings):
+        self.items = {"image": images.to("cpu"), "caption": captions.to("cpu")}
+        self.dim = int(images.global_.shape[1])
+        self.tokens_dim = int(images.tokens.shape[-1])
+
+    def stage_one(self, kind: str, queries: np.ndarray, k: int, allow: np.ndarray | None = None) -> np.ndarray:
+        g = self.items[kind].global_.float()
+        s = torch.from_numpy(queries).float() @ g.T
+        if allow is not None:
+            keep = torch.zeros(g.shape[0], dtype=torch.bool)
+            keep[torch.from_numpy(np.asarray(allow, np.int64))] = True
+            s = s.masked_fill(~keep, float("-inf"))
+        k = min(k, int(s.shape[1]) if allow is None else len(allow))
+        top = torch.argsort(s, dim=1, descending=True, stable=True)[:, :k]
+        return top.numpy().astype(np.int64)
+
+    def globals(self, kind: str, ids: np.ndarray) -> np.ndarray:
+        return self.items[kind].global_[torch.from_numpy(np.asarray(ids, np.int64))].float().numpy()
+
+    def local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
+                     query_is_text: bool, reduce: str) -> torch.Tensor:
+        e = self.items[kind]
+        at = torch.from_numpy(np.asarray(ids, np.int64))
+        mask = e.mask[at]
+        flat = e.tokens[at].float()[mask]  # the candidates' real tokens back to back, as an index stores them
+        return local_from_flat(qt @ flat.T, qm, mask.sum(1), query_is_text, reduce)
