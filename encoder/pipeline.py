@@ -13,7 +13,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .backbones import EfficientNetLite0, HFText, ImageBackbone, TextBackbone, TokenBatch, build_image_backbone, build_text_backbone
+from . import onnx_text
+from .backbones import (
+    EfficientNetLite0,
+    HFText,
+    ImageBackbone,
+    TextBackbone,
+    TokenBatch,
+    build_image_backbone,
+    build_text_backbone,
+)
 from .heads import Embeddings
 from .model import TGDTModel
 
@@ -50,8 +59,6 @@ class Encoder:
         Returns the runtime in use: an ONNX choice falls back to "torch" on CUDA, for a
         non-transformers text backbone, where onnxruntime is not installed, or when the export fails.
         """
-        from . import onnx_text
-
         if runtime not in onnx_text.RUNTIMES:
             raise ValueError(f"text runtime must be one of {onnx_text.RUNTIMES}, not {runtime!r}")
         self._onnx_text = None

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from .backbones import HiddenBatch, TokenBatch, build_image_backbone, build_text_backbone, minilm_path
+from .batches import epoch_batches
 from .config import ScoreConfig, TrainConfig
 from .data import load_pairs
 from .evaluate import evaluate_embeddings, markdown_table
@@ -161,45 +163,11 @@ def captions_by_image(imgs: torch.Tensor, caps: torch.Tensor, pos: torch.Tensor)
 
 def image_clusters(feats: Features, imgs: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     """k-means cluster id of each image, on its L2-normalised mean-pooled backbone cells."""
-    import faiss
-
     pooled = torch.cat([feats.image_tokens[imgs[s:s + 512]].float().mean(1) for s in range(0, len(imgs), 512)])
     x = np.ascontiguousarray(torch.nn.functional.normalize(pooled, dim=-1).numpy(), dtype=np.float32)
     km = faiss.Kmeans(x.shape[1], min(k, len(x)), niter=20, seed=seed, spherical=True)
     km.train(x)
     return torch.from_numpy(km.index.search(x, 1)[1][:, 0].astype(np.int64))
-
-
-def hard_order(clusters: torch.Tensor, block: int, gen: torch.Generator) -> torch.Tensor:
-    """A permutation of the images in shuffled blocks of `block` images from one cluster: a
-    batch then holds a few groups of look-alikes (hard negatives for each other) among
-    unrelated images, instead of almost only easy negatives."""
-    blocks = []
-    for c in torch.unique(clusters).tolist():
-        members = torch.nonzero(clusters == c).squeeze(1)
-        members = members[torch.randperm(len(members), generator=gen)]
-        blocks += list(members.split(block))
-    return torch.cat([blocks[i] for i in torch.randperm(len(blocks), generator=gen).tolist()])
-
-
-def epoch_batches(images: torch.Tensor, caps_of: list[torch.Tensor], batch_size: int, gen: torch.Generator,
-                  rounds: int | None = None, clusters: torch.Tensor | None = None, block: int = 0):
-    """Rounds of (image, one of its captions); each batch holds an image at most once, so
-    off-diagonal pairs are true negatives. rounds=None: every caption once per epoch.
-    `clusters` + `block`: batches of same-cluster blocks (`hard_order`)."""
-    full = rounds is None
-    rounds = max(len(c) for c in caps_of) if full else rounds
-    order = [c[torch.randperm(len(c), generator=gen)] for c in caps_of]
-    for r in range(rounds):
-        perm = hard_order(clusters, block, gen) if clusters is not None and block else \
-            torch.randperm(len(images), generator=gen)
-        if full:
-            perm = torch.tensor([p for p in perm.tolist() if len(order[p]) > r], dtype=torch.long)
-        for s in range(0, len(perm) - batch_size + 1, batch_size):
-            sel = perm[s:s + batch_size]
-            pick = [order[p][r % len(order[p])] if full else order[p][int(torch.randint(len(order[p]), (1,), generator=gen))]
-                    for p in sel.tolist()]
-            yield images[sel], torch.stack(pick)
 
 
 @torch.no_grad()

@@ -16,7 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .batches import epoch_batches
 from .config import ScoreConfig
+from .evaluate import evaluate_embeddings
 from .heads import Embeddings, PooledTower, pool_tokens
 from .model import TGDTModel
 
@@ -40,8 +42,6 @@ def pooled_inputs(model: TGDTModel | None, feats, idx: torch.Tensor, image: bool
 
 def global_rsum(images: torch.Tensor, captions: torch.Tensor, caption_image: torch.Tensor, table: bool = False):
     """rsum of global-only retrieval under the evaluation protocol (table=True: its whole row)."""
-    from .evaluate import evaluate_embeddings
-
     def only_global(g: torch.Tensor) -> Embeddings:
         return Embeddings(g, g.new_zeros(len(g), 0, g.shape[1]), torch.zeros(len(g), 0, dtype=torch.bool))
 
@@ -58,8 +58,6 @@ def train_pooled_towers(image_x: torch.Tensor, text_x: torch.Tensor, train_image
     """Towers on pooled inputs (rows of image_x / text_x, indexed by image / caption id); the
     best epoch's by val global rsum, and a log of every epoch. `init`: towers to fine-tune
     (copied, their input statistics kept), which then compete as epoch 0."""
-    from .train import epoch_batches  # the TGDT trainer's batching: each image at most once per batch
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tr_caps = torch.cat(caps_of)

@@ -28,10 +28,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from encoder.model import CheckpointError, checkpoint_digest
+from encoder.pipeline import Encoder
+from encoder.transforms import ImageError, load_image
+
 from . import faiss_index, metadata
 from .config import BuildConfig, FaissParams, choose_faiss
 from .inputs import Entry, Source, read_source
-from .manifest import CODEC, FAISS, META, REPORT, Manifest, file_entries, write_manifest
+from .manifest import CODEC, FAISS, META, REPORT, Manifest, file_entries, read_manifest, write_manifest
 from .tokenstore import KINDS, RawKind, Segment, TokenCodec, write_segment
 
 SEGMENT0 = "tokens-000.h5"
@@ -53,8 +57,6 @@ class _Files(Dataset):
         return len(self.entries) - self.start
 
     def __getitem__(self, i: int):
-        from encoder.transforms import ImageError, load_image
-
         pos = self.start + i
         try:
             data = (self.root / self.entries[pos].path).read_bytes()
@@ -251,9 +253,6 @@ def source_of(cfg: BuildConfig) -> Source:
 
 
 def open_encoder(checkpoint: str | None, device: str | None):
-    from encoder.model import CheckpointError
-    from encoder.pipeline import Encoder
-
     try:
         return Encoder.from_pretrained(checkpoint, device=device)
     except CheckpointError as e:
@@ -413,8 +412,6 @@ def publish(part: Path, out: Path) -> None:
 
 def build(cfg: BuildConfig, encoder=None, on_batch: Callable[[int], None] | None = None) -> Manifest:
     """Build (or resume building) the index `cfg.out`; returns its manifest."""
-    from encoder.model import checkpoint_digest
-
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise BuildError(f"{out} already exists; pass --overwrite to replace it")
@@ -442,6 +439,4 @@ def build(cfg: BuildConfig, encoder=None, on_batch: Callable[[int], None] | None
     sig_file = out / sig_file.name
     sig_file.unlink(missing_ok=True)
     (out / done_marker.name).unlink(missing_ok=True)
-    from .manifest import read_manifest
-
     return read_manifest(out)

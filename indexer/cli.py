@@ -11,12 +11,24 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from encoder.transforms import ImageError, load_image
+
+from .build import BuildError, build
+from .config import BuildConfig
+from .info import index_info
+from .inputs import InputError
+from .maintain import add, compact, remove, tune
+from .manifest import IndexFormatError, read_manifest, verify_files
+from .metadata import FilterError
+from .ray_build import add_ray_arguments, ray_build, ray_config_from_args
+from .searcher import Searcher
+
 EXIT_USER = 2
 
 
 def _build_config(args: argparse.Namespace):
-    from .config import BuildConfig
-
     return BuildConfig(images=args.images, captions=args.captions, out=args.out, checkpoint=args.checkpoint,
                        faiss=args.faiss, tokens=args.tokens, overwrite=args.overwrite, split=args.split,
                        id_field=args.id_field, allow_missing=args.allow_missing, skip_bad_lines=args.skip_bad_lines,
@@ -34,25 +46,15 @@ def _summary(m) -> str:
 
 
 def _cmd_build(args) -> int:
-    if args.engine == "ray":
-        try:
-            from .ray_build import ray_build, ray_config_from_args
-        except ImportError:
-            from .build import BuildError
-
-            raise BuildError("--engine ray needs Ray: pip install -e '.[cluster]'") from None
+    if args.engine == "ray":  # ray_build imports Ray itself, and says so when it is missing
         m = ray_build(_build_config(args), ray_config_from_args(args))
     else:
-        from .build import build
-
         m = build(_build_config(args))
     print(f"{args.out}: {_summary(m)}")
     return 0
 
 
 def _cmd_add(args) -> int:
-    from .maintain import add
-
     m = add(args.index, images=args.images, captions=args.captions, split=args.split, batch_size=args.batch_size,
             workers=args.workers, device=args.device, progress=not args.quiet, id_field=args.id_field,
             allow_missing=args.allow_missing, skip_bad_lines=args.skip_bad_lines)
@@ -61,8 +63,6 @@ def _cmd_add(args) -> int:
 
 
 def _cmd_remove(args) -> int:
-    from .maintain import remove
-
     n = remove(args.index, ids=args.ids or [], paths=args.paths or [])
     print(f"{args.index}: {n['images']} image(s) and {n['captions']} caption(s) marked deleted; "
           f"`indexer compact` reclaims their space")
@@ -70,16 +70,12 @@ def _cmd_remove(args) -> int:
 
 
 def _cmd_compact(args) -> int:
-    from .maintain import compact
-
     m = compact(args.index)
     print(f"{args.index}: compacted; {_summary(m)}")
     return 0
 
 
 def _cmd_info(args) -> int:
-    from .info import index_info
-
     info = index_info(args.index, verify=args.verify)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -100,8 +96,6 @@ def _cmd_info(args) -> int:
 
 def _cmd_verify(args) -> int:
     """Every file against the manifest's sha256: exit 0 when all match, 1 naming the ones that do not."""
-    from .manifest import read_manifest, verify_files
-
     m = read_manifest(args.index)
     t0 = time.perf_counter()
     problems = verify_files(Path(args.index), m)
@@ -120,13 +114,9 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_search(args) -> int:
-    from .searcher import Searcher
-
     filters = _filters(args.filters)
     s = Searcher(args.index, device=args.device)
     if args.image:
-        from encoder.transforms import ImageError, load_image
-
         try:
             image = load_image(args.image)
         except ImageError as e:
@@ -174,8 +164,6 @@ def read_queries(path: str | Path) -> list[str]:
 
 
 def _cmd_tune(args) -> int:
-    from .maintain import tune
-
     p = tune(args.index, read_queries(args.queries), target=args.target, recall=args.recall)
     print(f"{args.target}: {p.factory} nprobe={p.nprobe} (recall@100 {p.recall:.4f} on the given queries)")
     return 0
@@ -212,8 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     b.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: this process; ray: decode and encode on a Ray cluster, merge into the same format")
-    from .ray_build import add_ray_arguments
-
     add_ray_arguments(b)
     common(b)
     inputs(b)
@@ -272,13 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
-
-    from .build import BuildError
-    from .inputs import InputError
-    from .manifest import IndexFormatError
-    from .metadata import FilterError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

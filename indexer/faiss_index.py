@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from .config import FaissParams
@@ -17,8 +18,6 @@ _GPU_RES = None
 
 
 def gpu_available() -> bool:
-    import faiss
-
     try:
         return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     except Exception:  # CPU-only builds may lack the symbol or the driver
@@ -30,8 +29,6 @@ def to_gpu(index):
     global _GPU_RES
     if not gpu_available():
         return index
-    import faiss
-
     try:
         if _GPU_RES is None:
             _GPU_RES = faiss.StandardGpuResources()
@@ -43,8 +40,6 @@ def to_gpu(index):
 def build_index(vectors: np.ndarray, ids: np.ndarray, params: FaissParams, seed: int = 0,
                 add_step: int = 65536):
     """Train on a seeded sample, then add in steps (the input may be a memmap)."""
-    import faiss
-
     n, dim = vectors.shape
     inner = faiss.index_factory(dim, params.factory, faiss.METRIC_INNER_PRODUCT)
     if params.kind == "hnsw":
@@ -71,8 +66,6 @@ def exact_top(blocks: list[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, 
               step: int = 262_144) -> np.ndarray:
     """Exact inner-product top-k ids of `queries` over (vectors, ids) blocks (memmaps are fine),
     read `step` rows at a time so memory stays bounded."""
-    import faiss
-
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     for vectors, ids in blocks:
@@ -117,8 +110,6 @@ def add_vectors(index, vectors: np.ndarray, ids: np.ndarray) -> None:
 
 def remove_ids(index, ids: np.ndarray) -> int:
     """Remove where supported (flat, IVF); returns how many were removed (0 for HNSW)."""
-    import faiss
-
     try:
         return int(index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
     except RuntimeError:
@@ -126,8 +117,6 @@ def remove_ids(index, ids: np.ndarray) -> int:
 
 
 def save(index, path: Path) -> None:
-    import faiss
-
     faiss.write_index(index, str(path))
 
 
@@ -135,8 +124,6 @@ def load(path: Path, mmap: bool = False):
     """`mmap`: map the stored vectors instead of reading them into the heap (read-only use): the
     page cache holds one copy however many server processes search the same index, and a
     1M-image gallery loads in a fraction of a second. Searches cost the same once pages are warm."""
-    import faiss
-
     flags = 0
     if mmap and hasattr(faiss, "IO_FLAG_MMAP_IFC"):
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
@@ -156,8 +143,6 @@ def _read_through(path: Path, step: int = 16 << 20) -> None:
 def search(index, queries: np.ndarray, k: int, params: FaissParams, allow: np.ndarray | None = None,
            deny: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids) with the stored nprobe/efSearch; `allow`/`deny` restrict ids."""
-    import faiss
-
     q = np.ascontiguousarray(queries, dtype=np.float32)
     sel = None
     keep = []

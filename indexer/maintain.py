@@ -15,14 +15,18 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+import faiss
 import numpy as np
+
+from encoder.model import checkpoint_digest
 
 from . import faiss_index, metadata
 from .build import BuildError, build_galleries, encode_into, open_encoder, report_inputs, report_summary
 from .config import BuildConfig, FaissParams
 from .inputs import read_source, relative_inside
 from .manifest import CODEC, FAISS, META, REPORT, Manifest, file_entries, read_manifest, write_manifest
-from .tokenstore import KINDS, RawKind, Segment, gather_rows, write_segment
+from .searcher import TARGETS, Searcher
+from .tokenstore import KINDS, RawKind, Segment, TokenCodec, gather_rows, write_segment
 
 MUTABLE = {META, *FAISS.values(), "manifest.json", REPORT}
 
@@ -85,8 +89,6 @@ def add(index: str | Path, images: str, captions: str | None = None, split: str 
     One rule for every stored path, as in `build`: relative to the index's images folder. New
     images must therefore lie inside it (a folder linked into it counts: the link is not
     followed to judge that)."""
-    from encoder.model import checkpoint_digest
-
     index = Path(index)
     m = read_manifest(index)
     id_field = id_field or m.build.get("id_field")
@@ -131,8 +133,6 @@ def add(index: str | Path, images: str, captions: str | None = None, split: str 
         else:
             work.mkdir()
         raws = {k: RawKind.at(work, k) for k in KINDS}
-        from .tokenstore import TokenCodec
-
         row_bytes = TokenCodec.load(m.token_form, m.tokens_dim, staging / CODEC["image"]).row_bytes
         counts = write_segment(staging / seg_name, raws, m.token_form, m.tokens_dim, row_bytes, m.dim)
         changed = [seg_name]
@@ -280,8 +280,6 @@ def tune(index: str | Path, queries: list[str], target: str = "images", recall: 
     image-only collection); the queries people actually send are the better sample. Only the
     manifest changes (atomically); a running service picks it up at its next reload.
     """
-    from .searcher import TARGETS, Searcher
-
     if target not in TARGETS:
         raise ValueError(f"target must be 'images' or 'captions', not {target!r}")
     queries = [q for q in queries if q.strip()]
@@ -307,8 +305,6 @@ def tune(index: str | Path, queries: list[str], target: str = "images", recall: 
         blocks.append((vec, ids))
     ntotal = sum(len(b[1]) for b in blocks)
     truth = faiss_index.exact_top(blocks, q, min(k, ntotal))
-    import faiss
-
     nlist = faiss.extract_index_ivf(s.faiss[kind]).nlist  # the ceiling: a tune may also raise nprobe
     nprobe, got = faiss_index.calibrate_nprobe(s.faiss[kind], p.model_copy(update={"nprobe": nlist}),
                                               q, truth, target=recall)

@@ -27,11 +27,31 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .build import (BuildError, _Builder, _Encoded, _Files, codec_ready, finalize, open_encoder, partial_dir,
-                    publish)
+from encoder.backbones import build_image_backbone
+from encoder.model import TGDTModel, checkpoint_digest
+
+from . import metadata
+from .build import (
+    BuildError,
+    _Builder,
+    _Encoded,
+    _Files,
+    codec_ready,
+    finalize,
+    open_encoder,
+    partial_dir,
+    publish,
+    report_inputs,
+    require_images,
+    source_of,
+)
 from .config import BuildConfig
+from .inputs import Entry, Source
+from .manifest import CODEC, META, read_manifest
+from .tokenstore import KINDS, RawKind, TokenCodec
 
 SHARDS = "shards"
 
@@ -54,8 +74,6 @@ class RayConfig(BaseModel):
 # ------------------------------------------------------------------ cluster side
 def _decode_batch(batch: dict[str, np.ndarray], root: str, paths: list[str], checkpoint: str | None) -> dict:
     """Read, hash, decode and preprocess a batch of positions (runs as a Ray task)."""
-    from .inputs import Entry
-
     pre = _preprocessor(checkpoint)
     files = _Files(Path(root), [Entry(p) for p in paths], 0, pre)
     pos_out, sha_out, reason_out, pixels = [], [], [], []
@@ -85,9 +103,6 @@ def _preprocessor(checkpoint: str | None):
     """The checkpoint's image preprocessing, built once per worker process (no encoder weights needed
     for it, but the backbone object owns it, so we build the image backbone once and cache it)."""
     if checkpoint not in _PRE:
-        from encoder.backbones import build_image_backbone
-        from encoder.model import TGDTModel
-
         cfg = TGDTModel.from_pretrained(checkpoint).config
         _PRE[checkpoint] = build_image_backbone(cfg.image_backbone).preprocess
     return _PRE[checkpoint]
@@ -97,10 +112,6 @@ class _EncodeActor:
     """One encoder per actor; every batch it encodes becomes one shard file."""
 
     def __init__(self, cfg_json: str, shard_dir: str, entries: list[tuple[str, list[str]]], device: str | None):
-        import torch
-
-        from .inputs import Entry, Source
-
         cfg = BuildConfig.model_validate_json(cfg_json)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,8 +122,6 @@ class _EncodeActor:
         self.shard_dir = Path(shard_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         order = np.argsort(batch["pos"], kind="stable")
         items = []
         for i in order:
@@ -258,13 +267,6 @@ def ray_build(cfg: BuildConfig, rc: RayConfig | None = None, encoder=None) -> An
     Returns the manifest. `encoder` (optional) is the driver's encoder for the merge and
     finalize steps (no encoding happens there; it supplies dim, grid and model config).
     """
-    from encoder.model import checkpoint_digest
-
-    from . import metadata
-    from .build import report_inputs, require_images, source_of
-    from .manifest import CODEC, META, read_manifest
-    from .tokenstore import KINDS, RawKind, TokenCodec
-
     rc = rc or RayConfig()
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:

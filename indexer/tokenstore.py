@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import h5py
 import numpy as np
 import torch
@@ -40,8 +41,6 @@ class TokenCodec:
         if form in ("fp16", "fp32", "int8"):
             self.row_bytes = {"fp16": 2 * dim, "fp32": 4 * dim, "int8": dim + 2}[form]
         else:
-            import faiss
-
             if self._index is None:
                 m = int(form.lstrip("opq"))
                 if dim % m:
@@ -136,16 +135,12 @@ class TokenCodec:
     def to_bytes(self) -> bytes | None:
         if self._index is None:
             return None
-        import faiss
-
         return faiss.serialize_index(self._index).tobytes()
 
     @classmethod
     def from_bytes(cls, form: str, dim: int, data: bytes | None) -> "TokenCodec":
         if data is None:
             return cls(form, dim)
-        import faiss
-
         return cls(form, dim, faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)))
 
     def save(self, path: Path) -> bool:

@@ -15,6 +15,17 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import skimage.data
+from PIL import Image
+
+from encoder.model import DEFAULT_CHECKPOINT, checkpoint_digest
+from indexer.build import build
+from indexer.config import BuildConfig
+from indexer.manifest import read_manifest
+
+from .serve import EXIT_USER, serve, settings_from_args
+
 REPO = Path(__file__).resolve().parents[1]
 FLICKR = REPO.parent / "shared" / "data" / "flickr8k"
 CACHE = REPO / ".cache" / "demo"
@@ -30,8 +41,6 @@ class DemoError(RuntimeError):
 
 def skimage_captions(name: str) -> list[str]:
     """The documented description of a `skimage.data` image: summary line + first prose sentence."""
-    import skimage.data
-
     doc = (getattr(skimage.data, name).__doc__ or "").strip()
     paras = [" ".join(p.split()) for p in doc.split("\n\n") if p.strip()]
     caps = [paras[0].rstrip(".")] if paras else [name.replace("_", " ")]
@@ -44,10 +53,6 @@ def skimage_captions(name: str) -> list[str]:
 
 def write_skimage_collection(root: Path) -> Path:
     """skimage.data photos as JPEGs + a pairs.jsonl (the indexer's caption format)."""
-    import numpy as np
-    import skimage.data
-    from PIL import Image
-
     (root / "images").mkdir(parents=True, exist_ok=True)
     pairs = root / "pairs.jsonl"
     with pairs.open("w", encoding="utf-8") as f:
@@ -69,9 +74,6 @@ def demo_source(data: Path | None = None, cache: Path = CACHE) -> tuple[str, Pat
 
 
 def _up_to_date(index_dir: Path, checkpoint: Path | None) -> bool:
-    from encoder.model import checkpoint_digest
-    from indexer.manifest import read_manifest
-
     try:
         return read_manifest(index_dir).checkpoint_digest == checkpoint_digest(checkpoint)
     except Exception:
@@ -81,8 +83,6 @@ def _up_to_date(index_dir: Path, checkpoint: Path | None) -> bool:
 def ensure_demo_index(index_dir: Path | None = None, data: Path | None = None, checkpoint: Path | None = None,
                       split: str = "test", device: str | None = None, progress: bool = True) -> Path:
     """Return a demo index directory, building it first when missing or built with another model."""
-    from encoder.model import DEFAULT_CHECKPOINT
-
     if checkpoint is None and not Path(DEFAULT_CHECKPOINT).exists():
         raise DemoError(f"no default model at {DEFAULT_CHECKPOINT}; train one (`encoder train`) or pass --checkpoint")
     cache = Path(index_dir).parent if index_dir else CACHE
@@ -98,9 +98,6 @@ def ensure_demo_index(index_dir: Path | None = None, data: Path | None = None, c
     else:
         print(f"service demo: indexing {root} ({'all images' if split == 'all' else split + ' split'})",
               file=sys.stderr)
-    from indexer.build import build
-    from indexer.config import BuildConfig
-
     cfg = BuildConfig(images=str(root), captions=str(root / "pairs.jsonl"), out=str(index_dir),
                       checkpoint=str(checkpoint) if checkpoint else None, overwrite=True,
                       split=None if (kind == "skimage" or split == "all") else split, device=device, progress=progress)
@@ -109,8 +106,6 @@ def ensure_demo_index(index_dir: Path | None = None, data: Path | None = None, c
 
 
 def demo_main(argv: list[str] | None = None) -> int:
-    from .cli import EXIT_USER, serve, settings_from_args
-
     p = argparse.ArgumentParser(prog="service demo", description="Build the demo index if missing, then serve it.")
     p.add_argument("--data", type=Path, help=f"a pairs.jsonl collection (default: {FLICKR}, else scikit-image photos)")
     p.add_argument("--split", default="test", help="flickr8k split to index: test (default), train, val or all")

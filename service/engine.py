@@ -24,14 +24,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import faiss
+import torch
+
+from encoder.model import checkpoint_digest
+from encoder.pipeline import Encoder
+from indexer.manifest import IndexFormatError, read_manifest
+from indexer.searcher import Searcher
+
 from .autodepth import AutoDepth
+from .batching import CoalescingEncoder
+from .contract import SearchBackend
 from .integrity import FAILED, OK, PENDING, UNCHECKED, Verification
 from .metrics import Metrics
 from .settings import ServiceSettings
 
 log = logging.getLogger("service.engine")
 T = TypeVar("T")
-Loader = Callable[[Path], Any]
+Loader = Callable[[Path], SearchBackend]
 
 
 class NotReady(RuntimeError):
@@ -44,30 +54,20 @@ class IndexLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class IndexHandle:
-    searcher: Any
+    searcher: SearchBackend
     generation: int
     index_dir: Path
     load_seconds: float
-    grid: tuple[int, int] | None
     verification: Verification = field(default_factory=lambda: Verification(UNCHECKED))
-
-    @property
-    def metadata_fields(self) -> set[str]:
-        return set(getattr(self.searcher, "metadata_fields", set()) or set())
 
 
 def default_loader(settings: ServiceSettings) -> Loader:
-    """Build a Searcher the way the CLI and evaluation do (imported lazily: heavy modules)."""
+    """Open an index's `Searcher` (with `settings.checkpoint`: that model, refused unless it is
+    the one the index was built with), its text runtime set and concurrent queries coalesced."""
 
-    def load(index_dir: Path) -> Any:
-        from indexer.searcher import Searcher
-
+    def load(index_dir: Path) -> Searcher:
         encoder = None
         if settings.checkpoint is not None:  # the same model, found elsewhere: never another one
-            from encoder.model import checkpoint_digest
-            from encoder.pipeline import Encoder
-            from indexer.manifest import IndexFormatError, read_manifest
-
             encoder = Encoder.from_pretrained(settings.checkpoint, device=settings.device)
             built_with = read_manifest(index_dir).checkpoint_digest
             if checkpoint_digest(settings.checkpoint) != built_with:
@@ -77,39 +77,15 @@ def default_loader(settings: ServiceSettings) -> Loader:
         runtime = searcher.encoder.set_text_runtime(settings.text_runtime, threads=settings.torch_threads)
         log.info("text queries encoded with %s, up to %d per pass", runtime, settings.encode_batch)
         if settings.encode_batch > 1:
-            from .batching import CoalescingEncoder
-
             searcher.encoder = CoalescingEncoder(searcher.encoder, settings.encode_batch)
         return searcher
 
     return load
 
 
-def grid_of(searcher: Any) -> tuple[int, int] | None:
-    try:
-        g = searcher.encoder.image_backbone.grid
-        return int(g[0]), int(g[1])
-    except Exception:  # a searcher without an image backbone (fake, remote) has no grid
-        return None
-
-
-def warm_up(searcher: Any) -> None:
+def warm_up(searcher: SearchBackend) -> None:
     """One tiny query through every stage, so lazy initialisation happens before the swap."""
-    searcher.search_text("warm up", k=1, candidates=min(10, _n_images(searcher) or 10), mode="rerank")
-
-
-def _n_images(searcher: Any) -> int | None:
-    info = getattr(searcher, "info", None) or {}
-    for key in ("images", "n_images", "num_images"):
-        v = info.get(key) if isinstance(info, dict) else None
-        if isinstance(v, int):
-            return v
-        if isinstance(v, dict) and isinstance(v.get("count"), int):
-            return v["count"]
-    counts = info.get("counts") if isinstance(info, dict) else None
-    if isinstance(counts, dict) and isinstance(counts.get("images"), int):
-        return counts["images"]
-    return None
+    searcher.search_text("warm up", k=1, candidates=min(10, searcher.info.get("images") or 10), mode="rerank")
 
 
 class Engine:
@@ -149,17 +125,16 @@ class Engine:
     def ready(self) -> bool:
         return self._handle is not None
 
-    def install(self, searcher: Any, index_dir: Path, load_seconds: float = 0.0,
+    def install(self, searcher: SearchBackend, index_dir: Path, load_seconds: float = 0.0,
                 initial_cost: float | None = None, verification: Verification | None = None) -> IndexHandle:
         """Make `searcher` the one being served (a single reference assignment: atomic), then
         hash its files still pending verification in the background."""
         self._generation += 1
         verification = verification or Verification(UNCHECKED)
-        handle = IndexHandle(searcher, self._generation, Path(index_dir), load_seconds, grid_of(searcher),
-                             verification)
+        handle = IndexHandle(searcher, self._generation, Path(index_dir), load_seconds, verification)
         old = self._handle
-        cost = initial_cost if initial_cost is not None else None
-        if cost is not None and self.auto.per_candidate_s is None:
+        cost = initial_cost if initial_cost is not None else searcher.rerank_cost()
+        if cost > 0 and self.auto.per_candidate_s is None:
             self.auto.observe(1, cost)
         self._handle = handle
         if old is not None:
@@ -169,9 +144,8 @@ class Engine:
         self._report_verification(handle)
         verification.start(f"index generation {handle.generation}",
                            on_done=lambda v: self._report_verification(handle))
-        n = _n_images(searcher)
-        if n is not None:
-            self.metrics.items.set(n)
+        if isinstance(searcher.info.get("images"), int):
+            self.metrics.items.set(searcher.info["images"])
         log.info("serving index %s (generation %d, loaded in %.2fs, verified: %s)", index_dir, handle.generation,
                  load_seconds, verification.state)
         return handle
@@ -210,7 +184,7 @@ class Engine:
             self.metrics.swaps.labels("ok").inc()
             return self.install(searcher, target, time.perf_counter() - t0, cost, verification)
 
-    def _load_and_warm(self, index_dir: Path, swap: bool = False) -> tuple[Any, float | None, Verification]:
+    def _load_and_warm(self, index_dir: Path, swap: bool = False) -> tuple[SearchBackend, float, Verification]:
         """Runs on the loader thread: verify, open, warm, and measure the re-rank cost before the swap."""
         if not Path(index_dir).is_dir():
             raise FileNotFoundError(f"not a directory: {index_dir}")
@@ -218,7 +192,7 @@ class Engine:
         verification = Verification.before_load(folder, self.settings.verify, swap=swap)
         searcher = self.loader(folder)
         warm_up(searcher)
-        return searcher, initial_cost(searcher), verification
+        return searcher, searcher.rerank_cost(), verification
 
     # --- running blocking work off the loop ---------------------------------------------------
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -229,35 +203,11 @@ class Engine:
         self._load_executor.shutdown(wait=False, cancel_futures=True)
 
 
-def initial_cost(searcher: Any) -> float | None:
-    fn = getattr(searcher, "rerank_cost", None)
-    if not callable(fn):
-        return None
-    try:
-        v = fn()
-    except Exception:
-        return None
-    if isinstance(v, (int, float)) and v > 0:
-        return float(v)
-    if isinstance(v, dict):
-        for key in ("per_candidate_s", "per_candidate", "seconds_per_candidate"):
-            if isinstance(v.get(key), (int, float)) and v[key] > 0:
-                return float(v[key])
-    return None
-
-
 def _set_threads(settings: ServiceSettings) -> None:
     if settings.torch_threads:
-        import torch
-
         torch.set_num_threads(settings.torch_threads)
     if settings.faiss_threads:
-        try:
-            import faiss
-
-            faiss.omp_set_num_threads(settings.faiss_threads)
-        except ImportError:
-            pass
+        faiss.omp_set_num_threads(settings.faiss_threads)
 
 
 def _one_line(e: BaseException) -> str:

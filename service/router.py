@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 import httpx
+import uvicorn
 from fastapi import FastAPI, Path as PathParam, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -299,8 +300,6 @@ def main(argv: list[str] | None = None) -> int:
         err = e.errors()[0]
         print(f"service-router: invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
-    import uvicorn
-
     uvicorn.run(create_router_app(settings), host=settings.host, port=settings.port)
     return 0
 

@@ -21,70 +21,27 @@ import json
 import os
 import signal
 import tempfile
-import threading
-import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
 
-SETTINGS_ENV = "TGDT_SERVICE_SETTINGS"  # path of the resolved settings (JSON)
-CONTROL_ENV = "TGDT_SERVICE_CONTROL"
-METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own switch to multiprocess mode
-RELOAD_SIGNAL = signal.SIGUSR1
+import uvicorn
+from prometheus_client import multiprocess
+from uvicorn.supervisors import Multiprocess
 
-
-class Peers:
-    """A worker's link to its siblings: the shared control file and the supervisor's pid."""
-
-    def __init__(self, control: Path, supervisor_pid: int):
-        self.control = Path(control)
-        self.supervisor_pid = supervisor_pid
-        self.applied: int | None = None  # sequence number of the last announced target loaded here
-        self._claimed: int | None = None  # ... or being loaded here now
-        self._lock = threading.Lock()
-
-    def current(self) -> tuple[int, Path] | None:
-        """The last announced (sequence, index dir), if any worker has announced one."""
-        try:
-            data = json.loads(self.control.read_text())
-            return int(data["seq"]), Path(data["index_dir"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def announce(self, index_dir: Path) -> None:
-        """This worker now serves `index_dir`: write it down atomically and wake the siblings."""
-        with self._lock:
-            seq = time.time_ns()  # unique across workers and across a SIGHUP that drops the file
-            tmp = self.control.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"seq": seq, "index_dir": str(Path(index_dir).resolve())}))
-            os.replace(tmp, self.control)
-            self.applied = self._claimed = seq
-        os.kill(self.supervisor_pid, RELOAD_SIGNAL)
-
-    def claim(self) -> tuple[int, Path] | None:
-        """The announced target when this worker has neither loaded it nor started loading it
-        (a second signal during a load must not queue the same load again)."""
-        with self._lock:
-            cur = self.current()
-            if cur is None or cur[0] in (self.applied, self._claimed):
-                return None
-            self._claimed = cur[0]
-            return cur
-
+from .app import create_app
+from .engine import default_loader
+from .integrity import Verification
+from .peers import CONTROL_ENV, METRICS_ENV, RELOAD_SIGNAL, SETTINGS_ENV, Peers
+from .settings import ServiceSettings
 
 def worker_app():
     """uvicorn factory run in each worker process."""
-    from .app import create_app
-    from .settings import ServiceSettings
-
     settings = ServiceSettings(**json.loads(Path(os.environ[SETTINGS_ENV]).read_text()))
     return create_app(settings, peers=Peers(Path(os.environ[CONTROL_ENV]), os.getppid()))
 
 
 def _load_once(settings_json: str, index_dir: str) -> str | None:
-    from .engine import default_loader
-    from .integrity import Verification
-    from .settings import ServiceSettings
-
     try:
         settings = ServiceSettings(**json.loads(settings_json))
         Verification.before_load(Path(index_dir).resolve(), settings.verify)  # each worker hashes the segments
@@ -94,18 +51,15 @@ def _load_once(settings_json: str, index_dir: str) -> str | None:
     return None
 
 
-def check_loads(settings: Any, index_dir: Path) -> str | None:
+def check_loads(settings: ServiceSettings, index_dir: Path) -> str | None:
     """Load the index once in a throw-away process, before any port opens: a bad index or
     checkpoint ends `service` with one line instead of N workers failing in their logs, and the
     supervisor does not keep a copy of the index it will never serve."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         return pool.submit(_load_once, _settings_json(settings), str(index_dir)).result()
 
 
-def _settings_json(settings: Any) -> str:
+def _settings_json(settings: ServiceSettings) -> str:
     data = settings.model_dump(mode="json", exclude={"config_file"})
     for key in ("api_key", "admin_key"):  # SecretStr dumps as "**********"
         secret = getattr(settings, key)
@@ -115,11 +69,8 @@ def _settings_json(settings: Any) -> str:
     return json.dumps(data)
 
 
-def serve_workers(settings: Any, index_dir: Path) -> int:
+def serve_workers(settings: ServiceSettings, index_dir: Path) -> int:
     """Run `settings.workers` worker processes on one socket under a supervisor; blocks."""
-    import uvicorn
-    from uvicorn.supervisors import Multiprocess
-
     class Supervisor(Multiprocess):
         def _forward(self, sig: int) -> None:
             for p in self.processes:
@@ -136,8 +87,6 @@ def serve_workers(settings: Any, index_dir: Path) -> int:
         def keep_subprocess_alive(self) -> None:
             before = {p.pid for p in self.processes}
             super().keep_subprocess_alive()
-            from prometheus_client import multiprocess
-
             for pid in before - {p.pid for p in self.processes}:  # a replaced worker's live gauges go
                 if pid is not None:
                     multiprocess.mark_process_dead(pid, str(metrics_dir))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from indexer.results import Hit, SearchResult  # the contract's result types (service.contract)
+from encoder.confidence import confidence
+from indexer.results import Hit, SearchError, SearchResult  # the contract's result types (service.contract)
 
 
 def _vec(word: str, dim: int) -> np.ndarray:
@@ -64,7 +64,6 @@ class FakeSearcher:
         self.globals = g / np.linalg.norm(g, axis=-1, keepdims=True)
         self.n_images = n_images
         self.grid = grid
-        self.encoder = SimpleNamespace(image_backbone=SimpleNamespace(grid=grid), dim=dim)
         self.info = {"images": n_images, "captions": len(self.captions), "tag": tag, "fake": True}
         self.metadata_fields = {"split", "n", "tag"}
 
@@ -77,7 +76,7 @@ class FakeSearcher:
         ok = np.ones(self.n_images, bool)
         for key, want in (filters or {}).items():
             if key not in self.metadata_fields:
-                raise ValueError(f"unknown filter field {key!r}")
+                raise SearchError(f"unknown filter field {key!r}")
             wants = want if isinstance(want, list) else [want]
             ok &= np.array([m.get(key) in wants for m in self.meta])
         return ok
@@ -104,8 +103,8 @@ class FakeSearcher:
             align = None
             if explain:
                 best = sim.argmax(1)
-                align = [{"word": w, "cell": int(b), "row": int(b) // self.encoder.image_backbone.grid[1],
-                          "col": int(b) % self.encoder.image_backbone.grid[1], "score": float(sim[j, b])}
+                align = [{"word": w, "content": True, "cell": int(b), "row": int(b) // self.grid[1],
+                          "col": int(b) % self.grid[1], "score": float(sim[j, b])}
                          for j, (w, b) in enumerate(zip(words, best))]
             hits.append(Hit(i, score, float(gs[i]), local if mode == "rerank" else None, "image",
                                 dict(self.meta[i]), self.rel(i), None, i, align, self.user_id(i)))
@@ -116,7 +115,7 @@ class FakeSearcher:
                           len(cand) if mode == "rerank" else 0)
 
     def search_image(self, image: Any, k: int = 10, candidates: int = 100, mode: str = "rerank",
-                     filters: dict | None = None, target: str = "captions") -> SearchResult:
+                     filters: dict | None = None, target: str = "captions", explain: bool = False) -> SearchResult:
         t0 = time.perf_counter()
         arr = np.asarray(image.convert("RGB").resize((4, 4)), np.float32).reshape(-1)
         rng = np.random.default_rng(int(arr.sum()) % 2**32)
@@ -143,8 +142,6 @@ class FakeSearcher:
 
     def _confide(self, hits: list[Hit]) -> None:
         """Each caption-image hit's confidence from its score, as the real searcher computes it."""
-        from encoder.confidence import confidence
-
         conf = confidence(torch.tensor([h.score for h in hits], dtype=torch.float64), self.calibration)
         for j, h in enumerate(hits):
             h.confidence = None if conf is None else float(conf[j])

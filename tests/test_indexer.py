@@ -15,6 +15,7 @@ from PIL import Image
 from indexer.build import BuildError, build
 from indexer.config import BuildConfig
 from indexer.searcher import SearchError, Searcher
+from service.contract import SearchBackend
 
 
 @pytest.fixture(autouse=True)
@@ -133,6 +134,7 @@ def test_search_text_image_filters_explain(built, tiny_collection):
     with pytest.raises(SearchError):
         s.search_text("x", filters={"nope": 1})
     assert s.metadata_fields == {"split", "n"}
+    assert isinstance(s, SearchBackend)  # what the service is typed against
     # image -> captions, and the image itself is its own nearest image
     img = Image.open(tiny_collection / "images" / "img2.jpg")
     res = s.search_image(img, k=4, target="captions")

@@ -20,6 +20,7 @@ from PIL import Image
 from service.app import create_app
 from service.autodepth import AutoDepth
 from fakes import FakeSearcher
+from indexer.results import SearchError
 from service.settings import ConfigFileError, ServiceSettings
 
 
@@ -233,9 +234,9 @@ def test_cors(fake, tmp_path):
         assert "access-control-allow-origin" not in r.headers
 
 
-def test_searcher_value_error_is_422_not_500(fake, tmp_path):
-    def boom(*a, **k):
-        raise ValueError("filter value not comparable")
+def test_searcher_search_error_is_422_not_500(fake, tmp_path):
+    def boom(*a, **k):  # the contract's word for a request the index cannot answer
+        raise SearchError("filter value not comparable")
 
     fake.search_text = boom
     with client_for(fake, tmp_path) as c:

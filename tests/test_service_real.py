@@ -296,7 +296,7 @@ def test_workers_bad_index_fails_before_serving(tmp_path):
 def test_peers_announce_and_claim(tmp_path):
     """The control-file protocol between workers: an announce wakes the supervisor, and every
     other worker claims the new target exactly once (a second signal mid-load queues nothing)."""
-    from service.workers import RELOAD_SIGNAL, Peers
+    from service.peers import RELOAD_SIGNAL, Peers
 
     got: list[int] = []
     old = signal.signal(RELOAD_SIGNAL, lambda sig, frame: got.append(sig))

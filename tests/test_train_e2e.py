@@ -39,7 +39,7 @@ def test_train_few_steps_on_real_pairs_and_resume(flickr8k, tmp_path):
 
 
 def test_hard_negative_batches_group_look_alikes_and_stay_true_negatives():
-    from encoder.train import epoch_batches, hard_order
+    from encoder.batches import epoch_batches, hard_order
 
     clusters = torch.tensor([0] * 10 + [1] * 7 + [2] * 3)
     gen = torch.Generator().manual_seed(0)

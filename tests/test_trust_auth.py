@@ -45,7 +45,7 @@ def test_api_key_never_reaches_the_log(tmp_path):
     header, as a bearer token, and wrongly in the URL; none of its output may contain it."""
     port = _free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SERVICE_")}, "SERVICE_API_KEY": KEY,
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     proc = subprocess.Popen([sys.executable, "-c", SERVE_FAKE, str(tmp_path / "idx"), str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
