@@ -31,6 +31,9 @@ from .transforms import ImageError
 FINETUNE_EPOCHS = 6
 MIN_STEPS = 100
 
+# `evaluate --index` encodes its queries as the service does by default (service.settings.text_runtime)
+INDEX_TEXT_RUNTIME = "onnx"
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.json"
 
 
@@ -55,7 +58,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     t0 = time.time()
     if args.index:
         searcher = Searcher(args.index, device=args.device)
-        runtime = searcher.encoder.set_text_runtime(args.text_runtime)
+        runtime = searcher.encoder.set_text_runtime(args.text_runtime or INDEX_TEXT_RUNTIME)
         filters = {"split": args.split} if args.split else None
         score = searcher.score if args.alpha is None else searcher.score.model_copy(update={"alpha": args.alpha})
         res, col = evaluate_index(searcher, filters, k=args.k, modes=args.modes, score=score, workers=args.workers)
@@ -67,7 +70,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         ckpt = checkpoint_path(args.checkpoint or "default")
         with checkpoint_errors(ckpt):
             encoder = Encoder.from_pretrained(ckpt, device=args.device)
-        runtime = encoder.set_text_runtime(args.text_runtime)
+        runtime = encoder.set_text_runtime(args.text_runtime or "torch")
         images, captions = encode_collection(encoder, col, workers=args.workers)
         score = encoder.score_config
         if args.alpha is not None:
@@ -128,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--modes", nargs="+", default=["global", "two_stage", "exhaustive"],
                    choices=["global", "two_stage", "exhaustive"])
     e.add_argument("--alpha", type=float, help="override the checkpoint's local/global mixing weight")
-    e.add_argument("--text-runtime", default="torch", choices=["torch", "onnx", "onnx-int8"],
-                   help="what encodes the captions (the service's query encoders; onnx needs onnxruntime)")
+    e.add_argument("--text-runtime", choices=["torch", "onnx", "onnx-int8"],
+                   help=f"what encodes the captions (the service's query encoders; onnx needs onnxruntime); "
+                        f"default: {INDEX_TEXT_RUNTIME} with --index (the service's default), else torch")
     e.add_argument("--json", help="also write the results as JSON keyed by mode")
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--workers", type=int, default=1, help="image decoding workers")

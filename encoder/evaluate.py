@@ -23,7 +23,7 @@ from .data import Collection
 from .heads import Embeddings
 from .pipeline import Encoder
 from .protocol import owners, ranks_full, ranks_in_lists, recall_table
-from .ranking import Gallery, MemoryGallery, rank
+from .ranking import Gallery, MemoryGallery, Ranked, rank
 from .similarity import fuse, global_scores, mrsw_chunked
 from .transforms import ImageError, load_image
 
@@ -33,12 +33,14 @@ MODES = ("global", "two_stage", "exhaustive")
 @torch.inference_mode()
 def evaluate(gallery: Gallery, images: Embeddings, captions: Embeddings, caption_image: torch.Tensor,
              score: ScoreConfig, k: int = 100, modes: Sequence[str] = MODES, image_ids: np.ndarray | None = None,
-             caption_ids: np.ndarray | None = None, restrict: bool = False) -> dict:
+             caption_ids: np.ndarray | None = None, restrict: bool = False,
+             rankings: dict[str, dict[str, Ranked]] | None = None) -> dict:
     """Metrics per mode, each with R@1/5/10 both ways, rsum, median ranks and `seconds`.
 
     `images` and `captions` are the queries (one per evaluated item); `image_ids` and
     `caption_ids` name the same items in `gallery` (default: positions, a `MemoryGallery` of
     them); `restrict` keeps the search inside those ids (an index holding more than the split).
+    `rankings`, when given, receives each mode's ranked lists per direction ("t2i", "i2t").
     """
     N, M = images.global_.shape[0], captions.global_.shape[0]
     image_ids = np.arange(N) if image_ids is None else np.asarray(image_ids, np.int64)
@@ -46,9 +48,11 @@ def evaluate(gallery: Gallery, images: Embeddings, captions: Embeddings, caption
     owner = caption_image.cpu().numpy()
     allow = {"image": image_ids, "caption": caption_ids} if restrict else {"image": None, "caption": None}
 
-    def ranks(mode_k: int, depth: int, rerank: bool) -> dict[str, np.ndarray]:
+    def ranks(mode: str, mode_k: int, depth: int, rerank: bool) -> dict[str, np.ndarray]:
         t2i = rank(gallery, score, captions, True, "image", mode_k or N, depth, rerank, allow["image"])
         i2t = rank(gallery, score, images, False, "caption", mode_k or M, depth, rerank, allow["caption"])
+        if rankings is not None:
+            rankings[mode] = {"t2i": t2i, "i2t": i2t}
         t2i_pos = _positions(t2i.ids, image_ids)
         cap_pos = _positions(i2t.ids, caption_ids)
         return {"t2i": ranks_in_lists(t2i_pos, owner), "i2t": ranks_in_lists(owners(cap_pos, owner), np.arange(N))}
@@ -56,11 +60,11 @@ def evaluate(gallery: Gallery, images: Embeddings, captions: Embeddings, caption
     results: dict[str, dict] = {}
     if "global" in modes:  # every item ranked: exact median ranks
         t0 = time.perf_counter()
-        r = ranks(0, 0, rerank=False)
+        r = ranks("global", 0, 0, rerank=False)
         results["global"] = {**recall_table(r["i2t"], r["t2i"]), "seconds": round(time.perf_counter() - t0, 3)}
     if "two_stage" in modes:
         t0 = time.perf_counter()
-        r = ranks(k, k, rerank=True)
+        r = ranks("two_stage", k, k, rerank=True)
         results["two_stage"] = {**recall_table(r["i2t"], r["t2i"]), "k": k,
                                 "seconds": round(time.perf_counter() - t0, 3)}
     if "exhaustive" in modes:

@@ -40,8 +40,10 @@ def index_collection(searcher: Searcher, filters: dict | None = None) -> tuple[C
 
 
 def evaluate_index(searcher: Searcher, filters: dict | None = None, k: int = 100, modes: Sequence[str] = MODES,
-                   score: ScoreConfig | None = None, workers: int = 1, progress: bool = True) -> tuple[dict, Collection]:
-    """Metrics of the index's items (matching `filters`) searched through the index."""
+                   score: ScoreConfig | None = None, workers: int = 1, progress: bool = True,
+                   rankings: dict | None = None) -> tuple[dict, Collection]:
+    """Metrics of the index's items (matching `filters`) searched through the index; `rankings`
+    receives the ranked index ids per mode and direction (see `encoder.evaluate.evaluate`)."""
     col, img_ids, cap_ids = index_collection(searcher, filters)
     if not len(img_ids) or not len(cap_ids):
         raise ValueError(f"the index holds no live images with captions{' matching ' + str(filters) if filters else ''}")
@@ -49,5 +51,5 @@ def evaluate_index(searcher: Searcher, filters: dict | None = None, k: int = 100
     restrict = len(img_ids) != len(searcher.tables["image"].live_ids) or \
         len(cap_ids) != len(searcher.tables["caption"].live_ids)
     res = evaluate(searcher, images, captions, torch.tensor(col.caption_image), score or searcher.score, k, modes,
-                   img_ids, cap_ids, restrict=restrict)
+                   img_ids, cap_ids, restrict=restrict, rankings=rankings)
     return res, col
