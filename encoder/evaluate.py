@@ -146,7 +146,7 @@ def texts_by_length(texts: list[str], encode: Callable[[list[str]], tuple], batc
     inv = torch.empty(len(order), dtype=torch.long)
     inv[torch.tensor(order)] = torch.arange(len(order))
     emb = stack_embeddings([p[0] for p in parts])
-    rest = [torch.cat([p[k] for p in parts])[inv.to(p[k].device)] for k in range(1, len(parts[0]))]
+    rest = [torch.cat([p[k] for p in parts])[inv.to(parts[0][k].device)] for k in range(1, len(parts[0]))]
     return (emb[inv.to(emb.global_.device)], *rest)
 
 

@@ -51,7 +51,7 @@ from .build import (
 from .config import BuildConfig
 from .inputs import Entry, Source
 from .manifest import CODEC, META, read_manifest
-from .tokenstore import KINDS, RawKind, TokenCodec
+from .tokenstore import KINDS, TokenCodec
 
 SHARDS = "shards"
 
