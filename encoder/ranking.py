@@ -2,7 +2,7 @@
 
     stage one  gallery.stage_one: top-K ids by the global inner product (FAISS, or exact)
     stage two  exact global scores of the K, MrSw of the query's tokens against theirs
-               (`gallery.local_scores`: both galleries score with `similarity.local_from_flat`), `fuse`, a
+               (`gallery.local_scores`: both galleries end in `similarity.mrsw_from_sim`), `fuse`, a
                stable sort: ties keep stage one's order
 
 `candidates()` runs both stages and keeps the raw parts; `order()` fuses and ranks them. The
@@ -21,7 +21,7 @@ import torch
 
 from .config import ScoreConfig
 from .heads import Embeddings
-from .similarity import NEG, fuse, local_from_flat
+from .similarity import NEG, fuse, mrsw_from_sim, token_extent
 
 KINDS = ("image", "caption")
 
@@ -42,7 +42,8 @@ class Gallery(Protocol):
 
     def local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
                      query_is_text: bool, reduce: str) -> torch.Tensor:
-        """MrSw of one query's tokens qt [T, Dt] (mask qm [T]) against each of `ids` -> [n]."""
+        """MrSw of each query's tokens qt [Q, T, Dt] (mask qm [Q, T]) against its candidates
+        ids [Q, K] (valid ids first, then -1) -> [Q, K] (anything past a row's valid ids)."""
         ...
 
 
@@ -83,7 +84,7 @@ def candidates(gallery: Gallery, queries: Embeddings, query_is_text: bool, kind:
 def stage_two(gallery: Gallery, queries: Embeddings, query_is_text: bool, kind: str, ids: np.ndarray,
               rerank: bool, reduce: str, rows_per_step: int = 2**16) -> Candidates:
     """Each query's stage-one candidates `ids` [Q, K] (valid ids first, then -1) scored exactly:
-    global (and label-route) scores for many queries per gather, MrSw query by query."""
+    global (and label-route) scores for many queries per gather, then MrSw (`gallery.local_scores`)."""
     q = queries.global_.float().cpu()
     Q, K = ids.shape
     valid = ids >= 0
@@ -102,13 +103,11 @@ def stage_two(gallery: Gallery, queries: Embeddings, query_is_text: bool, kind: 
         if label is not None:
             label = label.masked_fill(torch.from_numpy(~valid), 0.0)
     local = None
-    if rerank:
+    if rerank and valid.any():
+        local = gallery.local_scores(kind, ids, queries.tokens.float().cpu(), queries.mask.cpu(), query_is_text,
+                                     reduce).masked_fill(torch.from_numpy(~valid), NEG)
+    elif rerank:
         local = torch.full((Q, K), NEG)
-        qt_all, qm_all = queries.tokens.float().cpu(), queries.mask.cpu()
-        for r in range(Q):
-            n = int(valid[r].sum())
-            if n:
-                local[r, :n] = gallery.local_scores(kind, ids[r, :n], qt_all[r], qm_all[r], query_is_text, reduce)
     return Candidates(ids, glob, local, label, None if queries.domain is None else queries.domain.cpu())
 
 
@@ -155,9 +154,37 @@ class MemoryGallery:
         return self.items[kind].global_[torch.from_numpy(np.asarray(ids, np.int64))].float().numpy()
 
     def local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
-                     query_is_text: bool, reduce: str) -> torch.Tensor:
+                     query_is_text: bool, reduce: str, budget: int = 2**22) -> torch.Tensor:
+        """Exact MrSw of every (query, candidate) pair, batched so that only the smaller side is
+        gathered per pair: when a candidate has more tokens than a query (text -> image: 49 cells
+        against ~12 words), pairs are grouped by candidate and each candidate's tokens meet all
+        its queries' tokens in one product; otherwise each step gathers its queries' candidates.
+        Either way the scores end in `mrsw_from_sim`, as the index's rows do."""
         e = self.items[kind]
-        at = torch.from_numpy(np.asarray(ids, np.int64))
-        mask = e.mask[at]
-        flat = e.tokens[at].float()[mask]  # the candidates' real tokens back to back, as an index stores them
-        return local_from_flat(qt @ flat.T, qm, mask.sum(1), query_is_text, reduce)
+        Q, K = ids.shape
+        S, D = e.tokens.shape[1], e.tokens.shape[2]
+        T = max(1, int(token_extent(qm).max())) if Q else 1  # cut the queries' common padding
+        qt, qm = qt[:, :T], qm[:, :T]
+        out = torch.zeros(Q, K)
+        valid = ids >= 0
+        if S > T:  # group by candidate: gather the queries' (fewer) tokens, not the candidates'
+            row, col = np.nonzero(valid)
+            cand = ids[row, col]
+            by = np.argsort(cand, kind="stable")
+            row, col, cand = row[by], col[by], cand[by]
+            starts = np.flatnonzero(np.r_[True, cand[1:] != cand[:-1]])
+            for a, b in zip(starts, np.r_[starts[1:], len(cand)]):
+                r = torch.from_numpy(row[a:b])
+                c = int(cand[a])
+                sim = (qt[r].reshape(-1, D) @ e.tokens[c].float().T).view(len(r), T, 1, S)
+                cm = e.mask[c].expand(len(r), 1, S)
+                out[r, torch.from_numpy(col[a:b])] = mrsw_from_sim(sim, qm[r], cm, query_is_text, reduce)[:, 0]
+            return out
+        safe = torch.from_numpy(np.where(valid, ids, 0))
+        step = max(1, budget // max(1, K * S * max(D, T)))
+        for s in range(0, Q, step):
+            at = safe[s:s + step]
+            cells = e.tokens[at].float()  # [q, K, S, D]
+            sim = torch.bmm(qt[s:s + step], cells.reshape(len(at), K * S, D).transpose(1, 2)).view(len(at), T, K, S)
+            out[s:s + step] = mrsw_from_sim(sim, qm[s:s + step], e.mask[at], query_is_text, reduce)
+        return out

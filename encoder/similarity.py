@@ -104,12 +104,16 @@ def local_from_flat(sim: torch.Tensor, query_mask: torch.Tensor, lengths: torch.
         sim4 = sim.new_full((T, K * S), NEG)
         sim4[:, cand_mask.reshape(-1)] = sim
         sim4 = sim4.view(1, T, K, S)
-    return _mrsw_from_sim(sim4, query_mask[None], cand_mask[None], query_is_text, reduce)[0]
+    return mrsw_from_sim(sim4, query_mask[None], cand_mask[None], query_is_text, reduce)[0]
 
 
-def _mrsw_from_sim(sim: torch.Tensor, query_mask: torch.Tensor, cand_mask: torch.Tensor, query_is_text: bool,
-                   reduce: str) -> torch.Tensor:
-    """[Q, T, K, S] token scores -> [Q, K] MrSw (words: the caption side, whichever is the query)."""
+def mrsw_from_sim(sim: torch.Tensor, query_mask: torch.Tensor, cand_mask: torch.Tensor, query_is_text: bool,
+                  reduce: str) -> torch.Tensor:
+    """[Q, T, K, S] token scores -> [Q, K] MrSw (words: the caption side, whichever is the query).
+
+    The one MrSw of a query against its candidates: the service (`local_from_flat`, from the
+    index's stored rows) and in-memory search (`ranking.MemoryGallery`) both end here; the
+    training's all-pairs `mrsw` is tested equal to it."""
     if query_is_text:  # words = query [Q, T]; cells = candidates [Q, K, S]
         full = bool(cand_mask.all())  # e.g. image grids: nothing to mask, skip a copy of sim
         best = (sim if full else sim.masked_fill(~cand_mask[:, None, :, :], NEG)).max(dim=-1).values  # [Q, T, K]

@@ -175,6 +175,16 @@ class IndexStore:
 
     def local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
                      query_is_text: bool, reduce: str) -> torch.Tensor:
+        """MrSw of each query qt [Q, T, D] against its candidates ids [Q, K] (valid first, then -1)."""
+        out = torch.zeros(ids.shape)
+        for r in range(ids.shape[0]):
+            n = int((ids[r] >= 0).sum())
+            if n:
+                out[r, :n] = self.query_local_scores(kind, ids[r, :n], qt[r], qm[r], query_is_text, reduce)
+        return out
+
+    def query_local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
+                           query_is_text: bool, reduce: str) -> torch.Tensor:
         """MrSw of one query [T, D] against each of `ids`, scored from the stored rows.
 
         The stored codes go straight into one GEMM per segment (`TokenCodec.scores`) and MrSw
@@ -411,7 +421,7 @@ class Searcher(IndexStore):
             for _ in range(repeats):
                 c = rng.choice(ids, size=min(candidates, len(ids)), replace=False)
                 t0 = time.perf_counter()
-                self.local_scores("image", np.sort(c), qt, qm, True, self.score.local_reduce)
+                self.query_local_scores("image", np.sort(c), qt, qm, True, self.score.local_reduce)
                 times.append((time.perf_counter() - t0) / len(c))
             self._rerank_cost = float(np.median(times))
         return self._rerank_cost

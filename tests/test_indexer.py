@@ -90,7 +90,7 @@ def test_rerank_scores_from_stored_rows_equal_decoded_blocks(tiny_collection, ti
         g = s.gather(kind, ids[::-1].copy())
         ref = mrsw_one(qt, qm, torch.from_numpy(g.tokens), torch.from_numpy(g.mask), query_is_text,
                        s.score.local_reduce)
-        got = s.local_scores(kind, ids[::-1].copy(), qt, qm, query_is_text, s.score.local_reduce)
+        got = s.query_local_scores(kind, ids[::-1].copy(), qt, qm, query_is_text, s.score.local_reduce)
         assert torch.allclose(got, ref, atol=1e-5)
 
 

@@ -61,15 +61,18 @@ def test_engine_local_scores_match_the_full_matrix_with_padding_on_both_sides(re
     cm = torch.tensor([[True, True, True, True], [True, False, True, False], [False, False, False, True]])
     full = mrsw(w, wm, c, cm, reduce)
     gallery = MemoryGallery(Embeddings(c[:, 0], c, cm), Embeddings(w[:, 0], w, wm))
-    for cap in range(6):
-        img = np.array([2, 0, 1, 1])  # repeated, unsorted candidates
-        got = gallery.local_scores("image", img, w[cap], wm[cap], True, reduce)
-        assert torch.allclose(got, full[cap, img], atol=1e-6)
+    img = np.array([[2, 0, 1, 1]] * 6)  # repeated, unsorted candidates, the same for every caption
+    img[5, 2:] = -1  # a query with fewer candidates: padding ids
+    for budget in (1, 2**22):  # one query per step, or all at once
+        got = gallery.local_scores("image", img, w, wm, True, reduce, budget=budget)
+        for cap in range(6):
+            n = int((img[cap] >= 0).sum())
+            assert torch.allclose(got[cap, :n], full[cap, img[cap, :n]], atol=1e-6)
+    assert got[0].abs().sum() == 0  # a caption with no real word scores 0
+    caps = np.array([[5, 0, 3, 3, 1]] * 3)
+    got = gallery.local_scores("caption", caps, c, cm, False, reduce)
     for im in range(3):
-        caps = np.array([5, 0, 3, 3, 1])
-        got = gallery.local_scores("caption", caps, c[im], cm[im], False, reduce)
-        assert torch.allclose(got, full[caps, im], atol=1e-6)
-    assert gallery.local_scores("image", np.array([0]), w[0], wm[0], True, reduce).item() == 0
+        assert torch.allclose(got[im], full[caps[im], im], atol=1e-6)
 
 
 def test_fuse_standardises_then_mixes():
