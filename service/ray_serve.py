@@ -293,8 +293,7 @@ class Ingress:
 # --- applications (Python API and Serve config files) ---------------------------------------------
 def _options(args: dict) -> dict:
     """Deployment options from a config's args: replicas (or autoscaling bounds), CPUs, GPUs."""
-    # user code on the replica's own event loop: one thread hop less per call (on 2 busy cores the
-    # ingress's median request went from 48.7 to 36.6 ms on a 20k-image index, /tmp diagnostics)
+    # user code on the replica's own event loop: one thread hop less per call
     actor: dict[str, Any] = {"num_cpus": float(args.get("num_cpus", 1.0)),
                              "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
     if float(args.get("num_gpus", 0) or 0) > 0:
