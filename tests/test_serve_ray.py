@@ -170,3 +170,27 @@ def test_a_rollout_never_mixes_versions_in_one_answer(deployment, indexes, expec
     r = deployment.post("/search/text", json={"query": indexes["queries"][1], **QUERY}).json()
     assert r["index"]["index_dir"] == "ray-serve:v2" and _keys(r) == expected["v2"][indexes["queries"][1]]
     assert deployment.get("/readyz").json()["info"]["images"] == 10
+
+
+def test_the_kuberay_manifest_is_a_valid_serve_config_of_our_builders():
+    """docker/k8s/rayservice.yaml: Serve accepts its serveConfigV2, and every application's
+    import_path builds (with its args) the deployments the docs describe."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker/k8s/rayservice.yaml").read_text())
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    names = [a.name for a in config.applications]
+    assert names == ["shard0-v1", "shard1-v1", "retrieval"]
+    for app in config.applications:
+        module, _, attr = app.import_path.partition(":")
+        built = getattr(importlib.import_module(module), attr)(app.args)
+        deployment = built._bound_deployment
+        assert deployment.name == ("Ingress" if app.name == "retrieval" else "Shard")
+        if app.name != "retrieval":
+            assert deployment.num_replicas == 2 and app.route_prefix is None
+    ingress = config.applications[-1].deployments[0]
+    assert ingress.name == "Ingress" and ingress.user_config == {"version": "v1", "shards": names[:2]}
