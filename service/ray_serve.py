@@ -71,30 +71,10 @@ QUIET = {"enable_access_log": False, "log_level": "WARNING"}
 
 
 @serve.deployment(name="Shard", max_ongoing_requests=16, graceful_shutdown_timeout_s=20, logging_config=QUIET)
-class Shard:
-    """One replica of one shard: `ShardServer` (a `Searcher` over the shard's directory). Sync
-    methods run on Serve's thread pool, so a replica overlaps its FAISS and re-rank calls."""
-
-    def __init__(self, index_dir: str, version: str):
-        self.server = ShardServer(index_dir, version)
-
-    def describe(self) -> dict:
-        return self.server.describe()
-
-    def search(self, *args: Any) -> Any:
-        return self.server.search(*args)
-
-    def item(self, id: int) -> dict | None:
-        return self.server.item(id)
-
-    def item_by_path(self, path: str) -> dict | None:
-        return self.server.item_by_path(path)
-
-    def item_by_user_id(self, user_id: str | int) -> dict | None:
-        return self.server.item_by_user_id(user_id)
-
-    def image_path(self, id: int) -> str | None:
-        return self.server.image_path(id)
+class Shard(ShardServer):
+    """One replica of one shard: `ShardServer` (a `Searcher` over the shard's directory; its
+    methods are the handle's). Sync methods run on Serve's thread pool, so a replica overlaps
+    its FAISS and re-rank calls."""
 
 
 class _Pending:
