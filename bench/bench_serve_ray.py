@@ -128,8 +128,9 @@ def wait_ready(url: str, limit_s: float = 600) -> None:
     raise SystemExit(f"bench_serve_ray: {url} not ready after {limit_s} s")
 
 
-def answers(url: str, queries: list[str]) -> tuple[list[list[tuple]], list[float]]:
-    """Each query once, in order: its hits (id, score) and the wall ms of the call."""
+def answers(url: str, queries: list[str], stages: list | None = None) -> tuple[list[list[tuple]], list[float]]:
+    """Each query once, in order: its hits (id, score) and the wall ms of the call (`stages`
+    collects each answer's timings_ms with the wall time as `wall`)."""
     out, ms = [], []
     with httpx.Client(base_url=url, timeout=60) as c:
         for q in queries:
@@ -138,7 +139,19 @@ def answers(url: str, queries: list[str]) -> tuple[list[list[tuple]], list[float
             ms.append(1000 * (time.perf_counter() - t))
             r.raise_for_status()
             out.append([(h["id"], h["score"]) for h in r.json()["hits"]])
+            if stages is not None:
+                stages.append({**r.json()["timings_ms"], "wall": ms[-1]})
     return out, ms
+
+
+def breakdown(stages: list[dict]) -> str:
+    """Median ms of where a request's time goes: the app's own stages (for the Ray path: encode
+    in the ingress, faiss and rerank of the slowest shard), the rest of the app's request time
+    (Ray: the fan-out's handle calls and merge), and what is outside the app (HTTP server; Ray: the proxy)."""
+    med = {k: float(np.median([s[k] for s in stages])) for k in ("encode", "faiss", "rerank", "request", "wall")}
+    inside = med["request"] - med["encode"] - med["faiss"] - med["rerank"]
+    return (f"encode {med['encode']:.1f}, faiss {med['faiss']:.1f}, rerank {med['rerank']:.1f}, rest of the app's "
+            f"request {inside:.1f}, outside the app {med['wall'] - med['request']:.1f} (wall {med['wall']:.1f})")
 
 
 class Load:
@@ -227,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from encoder.data import load_pairs
 
+    load0 = os.getloadavg()[0]
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-serve-ray-"))
     t0 = time.perf_counter()
     idx, label = build(work, a.n, a.real, a.checkpoint, a.faiss)
@@ -244,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
         answers(url, queries[:20])  # warm
-        single, ms = answers(url, queries)
+        single_stages: list[dict] = []
+        single, ms = answers(url, queries, single_stages)
         rows["one box"] = (ms, Load(url, queries, 8).run(a.seconds))
     finally:
         box.terminate()
@@ -264,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     deploy(shards, "v1", {"replicas": 1, "num_cpus": 0.5}, {"num_cpus": 0.25})
     wait_ready(url)
     answers(url, queries[:20])
-    sharded, ms = answers(url, queries)
+    ray_stages: list[dict] = []
+    sharded, ms = answers(url, queries, ray_stages)
     rows["Ray Serve, 2 shards x 1"] = (ms, Load(url, queries, 8).run(a.seconds))
     same_ids = sum([i for i, _ in x] == [i for i, _ in y] for x, y in zip(single, sharded))
     max_diff = max(abs(s1 - s2) for x, y in zip(single, sharded) for (_, s1), (_, s2) in zip(x, y))
@@ -311,7 +327,7 @@ Index: {a.n:,} synthetic images ({label}; {a.real} real Flickr8k seeds, the 1M b
 whole and split in two by id parity, FAISS {a.faiss} ({FAISS_NOTE[a.faiss]}), tokens int8; building all three took
 {build_s:.0f} s. Not 1M: three copies of a 1M index (15.5 GB each) and their builds do not fit this task's time on
 this box; flat FAISS over 1M 640-d vectors would also read 2.5 GB per query.
-Load average of the box (shared with other jobs) at the end: {os.getloadavg()[0]:.1f}.
+Load average of the box (shared with other jobs): {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.
 Queries: {len(queries)} real Flickr8k test captions, k=10, K=100 re-rank (`candidates: 100`), over HTTP.
 One box: `service --index whole` (one process, default settings). Ray: local cluster `num_cpus=2`, 2 shard
 applications x 1 replica (`num_cpus` 0.5 each) + the ingress (0.25), `service.ray_serve.deploy`.
@@ -320,6 +336,7 @@ applications x 1 replica (`num_cpus` 0.5 each) + the ingress (0.25), `service.ra
 |---|---|---|---|
 {table}
 
+- Where the time goes at c=1 (median ms): one box: {breakdown(single_stages)}; Ray: {breakdown(ray_stages)}.
 - Answers: **{same_ids}/{len(queries)}** queries with identical hit ids in identical order; largest score difference
   {max_diff:.2e}.
 - p50 overhead of the Ray path: **{ray_p50 - base_p50:+.1f} ms** (target <= 5 ms); throughput at concurrency 8:

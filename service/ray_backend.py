@@ -16,6 +16,7 @@ ingress mount the same collection (as they mount the same index storage).
 """
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -36,11 +37,18 @@ class ShardServer:
     """What one shard replica runs: a `Searcher` over its slice, tagged with the index version
     it serves (so an ingress can check that one request never mixes versions)."""
 
-    def __init__(self, index_dir: str | Path, version: str, searcher: Any = None):
-        if searcher is None:
+    def __init__(self, index_dir: str | Path, version: str, searcher: Any = None, verify: str | None = None):
+        from .integrity import UNCHECKED, Verification
+
+        self.verification = Verification(UNCHECKED)
+        if searcher is None:  # checked as the single box checks (`service.integrity`, SERVICE_VERIFY)
             from indexer.searcher import Searcher
 
-            searcher = Searcher(index_dir)
+            folder = Path(index_dir).resolve()
+            self.verification = Verification.before_load(folder, verify or os.environ.get("SERVICE_VERIFY",
+                                                                                          "background"))
+            searcher = Searcher(folder)
+            self.verification.start(f"shard index {version}")
         self.searcher = searcher
         self.version = version
 
@@ -49,10 +57,16 @@ class ShardServer:
         model = (s.info or {}).get("model", {})
         return {"version": self.version, "info": s.info, "metadata_fields": sorted(s.metadata_fields),
                 "checkpoint": getattr(getattr(s, "manifest", None), "checkpoint", None),
-                "checkpoint_digest": model.get("checkpoint_digest"), "rerank_cost": s.rerank_cost()}
+                "checkpoint_digest": model.get("checkpoint_digest"), "rerank_cost": s.rerank_cost(),
+                "verified": self.verification.state}
 
     def search(self, query: Any, query_kind: str, target: str, k: int, candidates: int, mode: str,
                filters: dict | None, explain: bool, words: list[str] | None) -> tuple[str, SearchResult]:
+        from .integrity import FAILED
+
+        if self.verification.state == FAILED:  # a token segment failed its background check: not served
+            raise ShardUnavailable(f"shard index {self.version} failed verification: "
+                                   f"{'; '.join(self.verification.problems)}")
         return self.version, self.searcher.search_embeddings(query, query_kind, target, k, candidates, mode,
                                                              filters, explain, words)
 

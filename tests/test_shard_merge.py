@@ -232,3 +232,30 @@ def test_merged_info_sums_counts_and_drops_server_paths():
     info = merge_info([a, {**a, "images": 2, "path": "/srv/b"}])
     assert info["images"] == 5 and info["captions"] == 12 and info["bytes"] == 20 and info["dim"] == 8
     assert info["shards"] == 2 and "path" not in info and "images_root" not in info
+
+
+def test_a_shard_checks_its_index_like_the_single_box(indexes, tmp_path):
+    """A damaged small file stops the replica before it serves (the file named); a damaged token
+    segment, found by the background check, makes its searches 503 instead of answering."""
+    import shutil
+
+    from service.integrity import FAILED, VerifyError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(indexes["shard0"], bad)
+    with open(bad / "meta.sqlite", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(VerifyError, match="meta.sqlite"):
+        ShardServer(bad, "v1")
+    seg = tmp_path / "seg"
+    shutil.copytree(indexes["shard0"], seg)
+    segment = next(seg.glob("tokens-*.h5"))
+    data = bytearray(segment.read_bytes())
+    data[-1] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    server = ShardServer(seg, "v1")
+    assert server.verification.wait(30) and server.verification.state == FAILED
+    backend = ShardedBackend([LocalShard(server), LocalShard(ShardServer(indexes["shard1"], "v1"))],
+                             Searcher(indexes["whole"]).encoder, "v1")
+    r = TestClient(_app(backend)).post("/search/text", json={"query": "red dog", "k": 2})
+    assert r.status_code == 503 and "failed verification" in r.json()["message"] and "tokens-" in r.json()["message"]
