@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                       for name, (ms, rate) in rows.items())
     ray_p50, ray_rate = pct(rows["Ray Serve, 2 shards x 1"][0], 50), rows["Ray Serve, 2 shards x 1"][1]
     lost = sum(v for k, v in load.status.items() if k != "200")
-    cmd = "`.venv/bin/python bench/bench_serve_ray.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`"
+    cmd = "`.venv/bin/python bench/bench_serve_ray.py " + shlex.join(argv if argv is not None else sys.argv[1:]) + "`"
     body = f"""Command: {cmd}
 Machine: {machine()}. One run, both paths on the same box, one after the other.
 Index: {a.n:,} synthetic images ({label}; {a.real} real Flickr8k seeds, the 1M bench's noise recipe), written

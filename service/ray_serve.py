@@ -56,7 +56,7 @@ log = logging.getLogger("service.ray_serve")
 INGRESS_APP = "retrieval"
 INGRESS_CODE_VERSION = "service-ray-ingress-1"  # fixed: a new user_config is then applied in place
 RETRIES = 3
-_LOOKUPS = ThreadPoolExecutor(4, thread_name_prefix="shard-lookup")
+_LOOKUPS: list[ThreadPoolExecutor] = []  # made on first use (a module global must pickle: `python -m`)
 TRANSIENT = (RayActorError, ActorUnavailableError, DeploymentUnavailableError, ReplicaUnavailableError)
 
 
@@ -89,7 +89,9 @@ class _Pending:
             return self._result()
         # on the event loop's own thread (the app looks items and image paths up there): Ray refuses
         # a blocking wait on a loop, so wait on a helper thread (a short lookup, like SQLite's on one box)
-        return _LOOKUPS.submit(self._result).result()
+        if not _LOOKUPS:
+            _LOOKUPS.append(ThreadPoolExecutor(4, thread_name_prefix="shard-lookup"))
+        return _LOOKUPS[0].submit(self._result).result()
 
     def _result(self) -> Any:
         for attempt in range(RETRIES + 1):
