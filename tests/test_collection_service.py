@@ -183,20 +183,3 @@ def test_page_shows_each_hits_file_and_its_captions_on_hover(page, server):  # n
     page.wait_for_selector('.card[data-id="0"] .hover-caps.loaded', state="visible")
     assert card.locator(".hover-caps li").all_inner_texts() == ["a red dog on grass", "the dog is red"]
     assert card.locator("img").get_attribute("title") == "a red dog on grass\nthe dog is red"
-
-
-from test_deploy_shards import clients, indexes  # noqa: E402,F401  (two shard services behind the router)
-
-
-def test_router_finds_an_item_by_path_on_the_shard_that_holds_it(clients):  # noqa: F811
-    whole, routed = clients
-    hits = routed.post("/search/text", json={"query": "red dog", "k": 4}).json()["hits"]
-    single = {h["metadata"]["n"]: h["path"] for h in whole.post("/search/text", json={"query": "red dog",
-                                                                                    "k": 12}).json()["hits"]}
-    for h in hits:
-        assert h["path"] == single[h["metadata"]["n"]] == f"images/img{h['metadata']['n']}.jpg"
-        item = routed.get("/items", params={"path": h["path"]})
-        assert item.status_code == 200 and item.json()["id"] == h["id"], item.text
-        assert item.json()["image_url"] == f"/images/{h['id']}" and item.json()["path"] == h["path"]
-    assert routed.get("/items", params={"path": "images/none.jpg"}).status_code == 404
-    assert routed.get("/items", params={"path": "a", "user_id": "b"}).status_code == 422

@@ -1,12 +1,11 @@
 """Calibrated confidence: the Platt fit, its storage in the checkpoint, the searcher's hit
-confidences and the service's `min_confidence` cut (HTTP, router, web page)."""
+confidences and the service's `min_confidence` cut (HTTP, sharded backend, web page)."""
 from __future__ import annotations
 
 import io
 import json
 import shutil
 
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -19,7 +18,6 @@ from encoder.heads import Embeddings
 from encoder.model import TGDTModel, checkpoint_digest
 from service.app import create_app
 from fakes import FakeSearcher
-from service.router import RouterSettings, create_router_app
 from service.settings import ServiceSettings
 
 
@@ -161,20 +159,23 @@ def test_invalid_min_confidence_is_a_422(client, bad):
     assert r.status_code == 422 and "min_confidence" in r.json()["message"] + json.dumps(r.json().get("errors"))
 
 
-def test_router_cuts_after_the_merge(tmp_path):
-    shards = {f"http://s{i}": httpx.ASGITransport(app=create_app(
-        ServiceSettings(index_dir=tmp_path / f"s{i}", background_load=False),
-        searcher=FakeSearcher(tmp_path / f"s{i}", n_images=6, tag="ab"[i]))) for i in range(2)}
-    router = TestClient(create_router_app(RouterSettings(shards=[[u] for u in shards]),
-                                          httpx.AsyncClient(mounts=shards)))
-    full = router.post("/search/text", json={"query": "the cat is blue", "k": 10}).json()["hits"]
+def test_sharded_backend_cuts_after_the_merge(tmp_path, tiny_checkpoint):
+    """min_confidence cuts the merged answer (the app's cut after the backend), never a shard's."""
+    from test_shard_merge import build_shard_indexes, sharded
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    write_score(ckpt, ScoreConfig(confidence_rerank=(5.0, -1.0), confidence_global=(20.0, -3.0)))
+    idx = build_shard_indexes(tmp_path, ckpt)
+    client = TestClient(create_app(ServiceSettings(background_load=False), searcher=sharded(idx)))
+    full = client.post("/search/text", json={"query": idx["queries"][0], "k": 10}).json()["hits"]
     conf = [h["confidence"] for h in full]
     assert len(full) == 10 and conf == sorted(conf, reverse=True)
     cut = conf[4]
-    r = router.post("/search/text", json={"query": "the cat is blue", "k": 10, "min_confidence": cut})
+    r = client.post("/search/text", json={"query": idx["queries"][0], "k": 10, "min_confidence": cut})
     assert r.status_code == 200, r.text
     assert [h["id"] for h in r.json()["hits"]] == [h["id"] for h in full if h["confidence"] >= cut]
-    assert router.post("/search/text", json={"query": "cat", "min_confidence": 2}).status_code == 422
+    assert client.post("/search/text", json={"query": "cat", "min_confidence": 2}).status_code == 422
 
 
 # --- the web page ----------------------------------------------------------------------------------------
