@@ -22,9 +22,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
+from encoder.pipeline import Encoder
 from indexer.results import SearchError, SearchResult
+from indexer.searcher import Searcher, text_words
 
+from .batching import CoalescingEncoder
 from .engine import NotReady
+from .integrity import FAILED, UNCHECKED, Verification
 from .shard_merge import globalize_item, merge, merge_info, split_id
 
 
@@ -38,12 +42,8 @@ class ShardServer:
     it serves (so an ingress can check that one request never mixes versions)."""
 
     def __init__(self, index_dir: str | Path, version: str, searcher: Any = None, verify: str | None = None):
-        from .integrity import UNCHECKED, Verification
-
         self.verification = Verification(UNCHECKED)
         if searcher is None:  # checked as the single box checks (`service.integrity`, SERVICE_VERIFY)
-            from indexer.searcher import Searcher
-
             folder = Path(index_dir).resolve()
             self.verification = Verification.before_load(folder, verify or os.environ.get("SERVICE_VERIFY",
                                                                                           "background"))
@@ -62,8 +62,6 @@ class ShardServer:
 
     def search(self, query: Any, query_kind: str, target: str, k: int, candidates: int, mode: str,
                filters: dict | None, explain: bool, words: list[str] | None) -> tuple[str, SearchResult]:
-        from .integrity import FAILED
-
         if self.verification.state == FAILED:  # a token segment failed its background check: not served
             raise ShardUnavailable(f"shard index {self.version} failed verification: "
                                    f"{'; '.join(self.verification.problems)}")
@@ -122,8 +120,6 @@ class ShardedBackend:
                     filters: dict | None = None, explain: bool = False) -> SearchResult:
         if not isinstance(query, str) or not query.strip():
             raise SearchError("the query text is empty")
-        from indexer.searcher import text_words
-
         t0 = time.perf_counter()
         emb = self.encoder.encode_texts([query])
         words = text_words(self.encoder, query) if explain else None
@@ -194,12 +190,8 @@ def check_shards(described: list[dict], version: str) -> None:
 def ingress_encoder(checkpoint: str | None, settings: Any) -> Any:
     """The query encoder of the shards' model, set up as the single-box service sets up its own
     (text runtime, coalesced encodes): see `service.engine.default_loader`."""
-    from encoder.pipeline import Encoder
-
     encoder = Encoder.from_pretrained(checkpoint or None, device=settings.device)
     encoder.set_text_runtime(settings.text_runtime, threads=settings.torch_threads)
     if settings.encode_batch > 1:
-        from .batching import CoalescingEncoder
-
         encoder = CoalescingEncoder(encoder, settings.encode_batch)
     return encoder

@@ -38,25 +38,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
+from .app import create_app
+from .engine import warm_up
 from .ray_backend import ShardedBackend, ShardServer, ShardUnavailable, check_shards, ingress_encoder
+from .settings import ServiceSettings
 
 log = logging.getLogger("service.ray_serve")
 INGRESS_APP = "retrieval"
 INGRESS_CODE_VERSION = "service-ray-ingress-1"  # fixed: a new user_config is then applied in place
 RETRIES = 3
-_LOOKUPS: list[ThreadPoolExecutor] = []  # made on first use (a module global must pickle: `python -m`)
 TRANSIENT = (RayActorError, ActorUnavailableError, DeploymentUnavailableError, ReplicaUnavailableError)
 
 
@@ -83,17 +86,7 @@ class _Pending:
         self.response = shard.call(method, args)
 
     def result(self) -> Any:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # the usual case: a search on the app's executor thread
-            return self._result()
-        # on the event loop's own thread (the app looks items and image paths up there): Ray refuses
-        # a blocking wait on a loop, so wait on a helper thread (a short lookup, like SQLite's on one box)
-        if not _LOOKUPS:
-            _LOOKUPS.append(ThreadPoolExecutor(4, thread_name_prefix="shard-lookup"))
-        return _LOOKUPS[0].submit(self._result).result()
-
-    def _result(self) -> Any:
+        """Blocks: called on the app's executor threads (`Engine.run`), never on the event loop."""
         for attempt in range(RETRIES + 1):
             try:
                 return self.response.result(timeout_s=self.shard.timeout_s)
@@ -136,8 +129,6 @@ class DeploymentView:
     the Serve controller (cached for a second)."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
-
         self.registry = CollectorRegistry()
         self.replicas = Gauge("service_deployment_replicas", "replicas per shard (and the ingress) by state",
                               ["deployment", "state"], registry=self.registry)
@@ -180,8 +171,6 @@ class DeploymentView:
         return [app for app in self.apps if states.get(app, {}).get("RUNNING", 0) < 1]
 
     def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
         self.replicas.clear()
         for app, counts in self.states().items():
             for state, n in counts.items():
@@ -201,8 +190,6 @@ class DeploymentAware:
         if path == "/readyz" and self.view.apps:
             down = await asyncio.to_thread(self.view.not_ready)
             if down:
-                import json
-
                 body = json.dumps({"ready": False, "message": f"shards without a running replica: {down}"}).encode()
                 await send({"type": "http.response.start", "status": 503,
                             "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
@@ -236,9 +223,6 @@ class Ingress:
     """The single-box app over a `ShardedBackend`; `user_config` = {"version", "shards"}."""
 
     def __init__(self, settings: dict | None = None, timeout_s: float = 30.0):
-        from .app import create_app
-        from .settings import ServiceSettings
-
         # SERVICE_* variables (the replica's runtime_env) apply as on one box; rollouts replace
         # the admin hot swap, and no index directory is opened here
         self.settings = ServiceSettings(**{**(settings or {}), "index_dir": None, "allow_admin": False})
@@ -264,10 +248,8 @@ class Ingress:
             self.encoder = await asyncio.to_thread(ingress_encoder, described[0].get("checkpoint"), self.settings)
             self.digest = described[0].get("checkpoint_digest")
         backend = ShardedBackend(shards, self.encoder, version, described=described)
-        from .engine import initial_cost, warm_up
-
         await asyncio.to_thread(warm_up, backend)  # every shard answers a query before the swap
-        self.engine.install(backend, Path(f"ray-serve:{version}"), initial_cost=initial_cost(backend))
+        self.engine.install(backend, Path(f"ray-serve:{version}"))
         self.view.serve_as(version, apps)
         log.info("serving index version %s from %d shards", version, len(apps))
 

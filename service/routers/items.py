@@ -41,9 +41,9 @@ async def find_item(path: str | None = Query(None, min_length=1, max_length=4096
 
 
 @router.get("/items/{item_id}", responses=READ_ERRORS, summary="One image or caption record")
-async def get_item(item_id: int = PathParam(..., ge=0, le=MAX_ID), handle: IndexHandle = Depends(current_handle)
-                   ) -> dict[str, Any]:
-    item = handle.searcher.item(item_id)
+async def get_item(item_id: int = PathParam(..., ge=0, le=MAX_ID), engine: Engine = Depends(get_engine),
+                   handle: IndexHandle = Depends(current_handle)) -> dict[str, Any]:
+    item = await engine.run(handle.searcher.item, item_id)  # blocking (SQLite, or a shard's answer): off the loop
     if item is None:
         raise ClientError(404, f"no item with id {item_id}")
     return item_out(item)
@@ -51,9 +51,9 @@ async def get_item(item_id: int = PathParam(..., ge=0, le=MAX_ID), handle: Index
 
 @router.get("/images/{image_id}", responses={**READ_ERRORS, 200: {"content": {"image/*": {}}}},
             response_class=FileResponse, summary="The image file (only files the index holds)")
-async def get_image(image_id: int = PathParam(..., ge=0, le=MAX_ID), handle: IndexHandle = Depends(current_handle)
-                    ) -> FileResponse:
-    path = handle.searcher.image_path(image_id)
+async def get_image(image_id: int = PathParam(..., ge=0, le=MAX_ID), engine: Engine = Depends(get_engine),
+                    handle: IndexHandle = Depends(current_handle)) -> FileResponse:
+    path = await engine.run(handle.searcher.image_path, image_id)
     if path is None or not path.is_file():
         raise ClientError(404, f"no image with id {image_id}")
     return FileResponse(path, headers={"Cache-Control": "no-cache"})
