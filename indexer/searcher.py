@@ -82,6 +82,16 @@ def text_words(encoder, text: str) -> list[str]:
     return tok.convert_ids_to_tokens(ids)[:max_tokens] or [""]
 
 
+def encode_text_query(encoder, query: str, explain: bool = False) -> tuple:
+    """(embedding, the words behind its tokens when `explain`, seconds) of one text query."""
+    if not isinstance(query, str) or not query.strip():
+        raise SearchError("the query text is empty")
+    t0 = time.perf_counter()
+    emb = encoder.encode_texts([query])
+    words = text_words(encoder, query) if explain else None
+    return emb, words, time.perf_counter() - t0
+
+
 class IndexStore:
     """Everything an index directory holds, opened for reading, without an encoder."""
 
@@ -226,12 +236,7 @@ class Searcher(IndexStore):
     # ------------------------------------------------------------------ search
     def search_text(self, query: str, k: int = 10, candidates: int = 100, mode: str = "rerank",
                     filters: dict | None = None, explain: bool = False) -> SearchResult:
-        if not isinstance(query, str) or not query.strip():
-            raise SearchError("the query text is empty")
-        t0 = time.perf_counter()
-        emb = self.encoder.encode_texts([query])
-        words = text_words(self.encoder, query) if explain else None
-        enc_s = time.perf_counter() - t0
+        emb, words, enc_s = encode_text_query(self.encoder, query, explain)
         return self.search_embeddings(emb, "text", "images", k, candidates, mode, filters, explain, words,
                                       encode_seconds=enc_s)
 

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from encoder.pipeline import Encoder
 from indexer.results import SearchError, SearchResult
-from indexer.searcher import Searcher, text_words
+from indexer.searcher import Searcher, encode_text_query
 
 from .batching import CoalescingEncoder
 from .engine import NotReady
@@ -118,11 +118,8 @@ class ShardedBackend:
     # --- search ----------------------------------------------------------------------------------
     def search_text(self, query: str, k: int = 10, candidates: int = 100, mode: str = "rerank",
                     filters: dict | None = None, explain: bool = False) -> SearchResult:
-        if not isinstance(query, str) or not query.strip():
-            raise SearchError("the query text is empty")
         t0 = time.perf_counter()
-        emb = self.encoder.encode_texts([query])
-        words = text_words(self.encoder, query) if explain else None
+        emb, words, _ = encode_text_query(self.encoder, query, explain)
         return self._fan(t0, emb, "text", "images", k, candidates, mode, filters, explain, words)
 
     def search_image(self, image: Any, k: int = 10, candidates: int = 100, mode: str = "rerank",
