@@ -72,6 +72,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
+    args.index = args.index.resolve()  # each service runs in its own checkout
     if shutil.which("wrk") is None:
         print("bench_service_ab: needs `wrk` (apt-get install wrk)", file=sys.stderr)
         return 2

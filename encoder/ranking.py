@@ -147,7 +147,10 @@ class MemoryGallery:
             keep[torch.from_numpy(np.asarray(allow, np.int64))] = True
             s = s.masked_fill(~keep, float("-inf"))
         k = min(k, int(s.shape[1]) if allow is None else len(allow))
-        top = torch.argsort(s, dim=1, descending=True, stable=True)[:, :k]
+        vals, top = s.topk(k, dim=1)
+        by_id = torch.argsort(top, dim=1)  # equal scores in id order, as a flat FAISS index returns them
+        vals, top = vals.gather(1, by_id), top.gather(1, by_id)
+        top = top.gather(1, torch.argsort(vals, dim=1, descending=True, stable=True))
         return top.numpy().astype(np.int64)
 
     def globals(self, kind: str, ids: np.ndarray) -> np.ndarray:
