@@ -36,8 +36,10 @@ class Gallery(Protocol):
         """[Q, D] global query vectors -> [Q, k] ids of `kind` by global score (-1 where fewer)."""
         ...
 
-    def globals(self, kind: str, ids: np.ndarray) -> np.ndarray:
-        """The exact stored global vectors [n, D] of `ids`."""
+    def global_scores(self, kind: str, queries: torch.Tensor, ids: np.ndarray
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Exact global scores [Q, K] of each query [Q, D] with its candidates ids [Q, K] (every id
+        valid), and the label route's part of them (its columns past `tokens_dim`; None without)."""
         ...
 
     def local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
@@ -82,23 +84,15 @@ def candidates(gallery: Gallery, queries: Embeddings, query_is_text: bool, kind:
 
 
 def stage_two(gallery: Gallery, queries: Embeddings, query_is_text: bool, kind: str, ids: np.ndarray,
-              rerank: bool, reduce: str, rows_per_step: int = 2**16) -> Candidates:
+              rerank: bool, reduce: str) -> Candidates:
     """Each query's stage-one candidates `ids` [Q, K] (valid ids first, then -1) scored exactly:
-    global (and label-route) scores for many queries per gather, then MrSw (`gallery.local_scores`)."""
-    q = queries.global_.float().cpu()
+    global (and label-route) scores, then MrSw (`gallery.local_scores`)."""
     Q, K = ids.shape
     valid = ids >= 0
-    Dt = gallery.tokens_dim
-    glob = torch.full((Q, K), NEG)
-    label = torch.zeros(Q, K) if gallery.dim > Dt else None
+    glob, label = torch.full((Q, K), NEG), None
     if valid.any():
         safe = np.where(valid, ids, ids[valid][0])  # padding reads a real row, masked below
-        step = max(1, rows_per_step // max(1, K))
-        for s in range(0, Q, step):
-            vec = torch.from_numpy(gallery.globals(kind, safe[s:s + step].reshape(-1))).view(-1, K, gallery.dim)
-            glob[s:s + step] = torch.einsum("qkd,qd->qk", vec, q[s:s + step])
-            if label is not None:
-                label[s:s + step] = torch.einsum("qkd,qd->qk", vec[..., Dt:], q[s:s + step, Dt:])
+        glob, label = gallery.global_scores(kind, queries.global_.float().cpu(), safe)
         glob = glob.masked_fill(torch.from_numpy(~valid), NEG)
         if label is not None:
             label = label.masked_fill(torch.from_numpy(~valid), 0.0)
@@ -153,8 +147,22 @@ class MemoryGallery:
         top = top.gather(1, torch.argsort(vals, dim=1, descending=True, stable=True))
         return top.numpy().astype(np.int64)
 
-    def globals(self, kind: str, ids: np.ndarray) -> np.ndarray:
-        return self.items[kind].global_[torch.from_numpy(np.asarray(ids, np.int64))].float().numpy()
+    def global_scores(self, kind: str, queries: torch.Tensor, ids: np.ndarray, budget: int = 2**24
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Read off each query's row of inner products with the whole gallery (cheaper than
+        gathering K vectors per query when the gallery is this small)."""
+        g = self.items[kind].global_.float()
+        at = torch.from_numpy(ids)
+        glob = torch.empty(ids.shape)
+        label = torch.empty(ids.shape) if self.dim > self.tokens_dim else None
+        step = max(1, budget // max(1, g.shape[0]))
+        for s in range(0, len(queries), step):
+            q = queries[s:s + step]
+            glob[s:s + step] = (q @ g.T).gather(1, at[s:s + step])
+            if label is not None:
+                Dt = self.tokens_dim
+                label[s:s + step] = (q[:, Dt:] @ g[:, Dt:].T).gather(1, at[s:s + step])
+        return glob, label
 
     def local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
                      query_is_text: bool, reduce: str, budget: int = 2**22) -> torch.Tensor:

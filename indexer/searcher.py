@@ -176,12 +176,29 @@ class IndexStore:
         return ids
 
     def globals(self, kind: str, ids: np.ndarray) -> np.ndarray:
+        """The exact stored global vectors [n, D] of `ids`."""
         seg_of, pos = self.tables[kind].locate(np.asarray(ids, np.int64))
         out = np.zeros((len(ids), self.manifest.dim), np.float32)
         for s in np.unique(seg_of):
             sel = seg_of == s
             out[sel] = self.segments[int(s)].kinds[kind]["global"][pos[sel]]
         return out
+
+    def global_scores(self, kind: str, queries: torch.Tensor, ids: np.ndarray, rows_per_step: int = 2**16
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Exact scores from the stored vectors (FAISS's may be approximate: IVF-PQ), and the
+        label route's part (its columns past `tokens_dim`), many queries per gather."""
+        Q, K = ids.shape
+        Dt = self.tokens_dim
+        glob = torch.empty(Q, K)
+        label = torch.empty(Q, K) if self.dim > Dt else None
+        step = max(1, rows_per_step // max(1, K))
+        for s in range(0, Q, step):
+            vec = torch.from_numpy(self.globals(kind, ids[s:s + step].reshape(-1))).view(-1, K, self.dim)
+            glob[s:s + step] = torch.einsum("qkd,qd->qk", vec, queries[s:s + step])
+            if label is not None:
+                label[s:s + step] = torch.einsum("qkd,qd->qk", vec[..., Dt:], queries[s:s + step, Dt:])
+        return glob, label
 
     def local_scores(self, kind: str, ids: np.ndarray, qt: torch.Tensor, qm: torch.Tensor,
                      query_is_text: bool, reduce: str) -> torch.Tensor:
