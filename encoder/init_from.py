@@ -53,6 +53,9 @@ def with_word_mask(source: ModelConfig, requested: ModelConfig) -> ModelConfig:
     source's label route: its fusion was fitted to the source's global space and the user's
     own captions now define the domain (`encoder fit-route` can add a route again)."""
     source = source.model_copy(update={"label_route": None})
+    if requested.text_backbone.token_layer is not None:  # an experiment's token branch input
+        source = source.model_copy(update={"text_backbone": source.text_backbone.model_copy(
+            update={"token_layer": requested.text_backbone.token_layer})})
     if "word_mask" not in requested.score.model_fields_set:
         return source
     return source.model_copy(update={"score": source.score.model_copy(
