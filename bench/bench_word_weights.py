@@ -31,7 +31,7 @@ from encoder.evaluate import encode_collection, evaluate_embeddings  # noqa: E40
 from encoder.heads import Embeddings  # noqa: E402
 from encoder.pipeline import Encoder  # noqa: E402
 from encoder.word_weights import apply, idf_table, refit_fusion  # noqa: E402
-from encoder.words import caption_content, caption_ids  # noqa: E402
+from encoder.words import caption_content  # noqa: E402
 
 
 def variant(captions: Embeddings, content: torch.Tensor, ids: torch.Tensor, mask: str,
@@ -63,7 +63,7 @@ def encode(enc: Encoder, root: str, split: str):
     images, captions = encode_collection(enc, col, progress=False)
     tok, max_tokens = enc.text_backbone.tokenizer, enc.model.config.text_backbone.max_tokens
     return (images, captions, torch.tensor(col.caption_image), caption_content(tok, col.captions, max_tokens),
-            caption_ids(tok, col.captions, max_tokens))
+            enc.text_backbone.kept_ids(col.captions))
 
 
 @torch.inference_mode()
@@ -73,14 +73,13 @@ def measure(checkpoint: str | None, args) -> list[dict]:
     enc.model.set_word_weights("none", None)  # raw word vectors; each variant applies its own
     enc.model.config = enc.model.config.model_copy(update={"score": enc.model.config.score.model_copy(
         update={"word_mask": "none"})})
-    tok, max_tokens = enc.text_backbone.tokenizer, enc.model.config.text_backbone.max_tokens
-    train_ids = caption_ids(tok, load_pairs(args.data, split="train").captions, max_tokens)
+    train_ids = enc.text_backbone.kept_ids(load_pairs(args.data, split="train").captions)
     fl = encode(enc, args.data, args.split)
     ood = encode(enc, args.ood, args.split) if args.ood else None
     rows = []
     for mask in args.masks:
         for p in args.powers:
-            table = idf_table(train_ids, len(tok), p) if p > 0 else None
+            table = idf_table(train_ids, enc.text_backbone.vocab_size, p) if p > 0 else None
             im, cp, ci, content, ids = fl
             caps = variant(cp, content, ids, mask, table)
             score = refit_fusion(own.model_copy(update={"word_mask": mask}), im, caps, ci)

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import BackboneConfig
 from .transforms import efficientnet_tensor, imagenet_tensor
-from .words import content_table
+from .words import caption_ids, content_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -81,6 +81,20 @@ class TextBackbone(nn.Module):
 
     def forward(self, texts: list[str]) -> TokenBatch:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """How many word ids `TokenBatch.ids` can hold (the size of a word-weight table)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no word ids")
+
+    def kept_ids(self, texts: list[str]) -> torch.Tensor:
+        """[M, max_tokens] long: each text's kept word ids as `forward` gives them (0 on padding),
+        without running the network where the tokenizer alone says it."""
+        out = torch.zeros(len(texts), self.max_tokens, dtype=torch.long)
+        for s in range(0, len(texts), 256):
+            ids = self(texts[s:s + 256]).ids
+            out[s:s + len(ids), :ids.shape[1]] = ids.cpu()
+        return out
 
 
 # ---------------------------------------------------------------- image backbones
@@ -336,6 +350,13 @@ class HFText(TextBackbone):
         return tb
 
     @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def kept_ids(self, texts: list[str]) -> torch.Tensor:
+        return caption_ids(self.tokenizer, texts, self.max_tokens)
+
+    @property
     def content(self) -> torch.Tensor:
         """[vocab] bool: which token ids are content words (see `encoder.words`)."""
         if getattr(self, "_content", None) is None:
@@ -382,6 +403,10 @@ class TinyText(TextBackbone):
         self.dim = cfg.dim or 32
         self.max_tokens = cfg.max_tokens
         self.register_buffer("table", torch.randn(997, self.dim, generator=g))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.table.shape[0]
 
     def forward(self, texts: list[str]) -> TokenBatch:
         import zlib

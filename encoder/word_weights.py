@@ -62,15 +62,13 @@ def fit_idf(checkpoint: str | None, data: str, out: str, power: float = 1.0, pai
     from .data import load_pairs
     from .evaluate import encode_collection
     from .pipeline import Encoder
-    from .words import caption_ids
 
     enc = Encoder.from_pretrained(checkpoint, device="cpu")
-    tok, max_tokens = enc.text_backbone.tokenizer, enc.model.config.text_backbone.max_tokens
     train = load_pairs(data, pairs_file, split="train")
     val = load_pairs(data, pairs_file, split="val")
     if not train.captions or not val.captions:
         raise ValueError(f"{data} needs train and val splits (split fields) to fit word weights")
-    table = idf_table(caption_ids(tok, train.captions, max_tokens), len(tok), power)
+    table = idf_table(enc.text_backbone.kept_ids(train.captions), enc.text_backbone.vocab_size, power)
     enc.model.set_word_weights("idf", table)
     images, captions = encode_collection(enc, val)
     score = refit_fusion(enc.model.config.score, images, captions, torch.tensor(val.caption_image))

@@ -2,6 +2,8 @@
 token branch fed from a lower text layer (`BackboneConfig.token_layer`)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,3 +133,27 @@ def test_token_layer_feeds_the_token_branch_and_onnx_agrees():
     enc.set_text_runtime("onnx")
     got = enc.encode_texts(texts)
     assert torch.allclose(got.tokens, ref.tokens, atol=1e-4) and torch.allclose(got.global_, ref.global_, atol=1e-4)
+
+
+def test_word_weights_command(tmp_path, tiny_checkpoint, split_collection):
+    """`encoder word-weights` writes a checkpoint weighting words by the train captions' IDF
+    with its fusion re-fitted on val; a collection without splits is refused (exit 2)."""
+    from encoder.cli import main
+
+    data = split_collection(tmp_path / "col")
+    out = tmp_path / "idf"
+    assert main(["word-weights", "--checkpoint", str(tiny_checkpoint), "--data", str(data), "--out", str(out)]) == 0
+    model = TGDTModel.from_pretrained(out)
+    assert model.config.score.word_weight == "idf" and model.config.score.confidence_rerank is None
+    enc = Encoder.from_pretrained(out, "cpu")
+    captions = [json.loads(line)["captions"] for line in (data / "pairs.jsonl").read_text().splitlines()[:8]]
+    ids = enc.text_backbone.kept_ids([c for cs in captions for c in cs])
+    assert torch.allclose(model.word_weight_table, idf_table(ids, enc.text_backbone.vocab_size))
+    assert model.config.score.local_std != TGDTModel.from_pretrained(tiny_checkpoint).config.score.local_std
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "pairs.jsonl").write_text((data / "pairs.jsonl").read_text().replace('"split": "val"', '"split": "train"'))
+    (flat / "images").symlink_to(data / "images")
+    assert main(["word-weights", "--checkpoint", str(tiny_checkpoint), "--data", str(flat), "--out",
+                 str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()
