@@ -157,3 +157,15 @@ def test_word_weights_command(tmp_path, tiny_checkpoint, split_collection):
     assert main(["word-weights", "--checkpoint", str(tiny_checkpoint), "--data", str(flat), "--out",
                  str(tmp_path / "no")]) == 2
     assert not (tmp_path / "no").exists()
+
+
+def test_fine_tuning_a_weighted_checkpoint_starts_unweighted():
+    """`--init-from` a checkpoint with IDF weights: the fine-tune's model has none (they belong
+    to the source's captions; `encoder word-weights` adds them back), and nothing fails."""
+    from encoder.init_from import branches_and_towers, with_word_mask
+
+    source = _model("idf")
+    model, _ = branches_and_towers(source)
+    assert model.config.score.word_weight == "none" and not hasattr(model, "word_weight_table")
+    assert torch.equal(model.text_head.proj.weight, source.text_head.proj.weight)
+    assert with_word_mask(source.config, tiny_model_config(8)).score.word_weight == "none"
