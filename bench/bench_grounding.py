@@ -1,11 +1,12 @@
-"""Grounding on the Flickr8k test split, per checkpoint, side by side (issue 14).
+"""Grounding on a Flickr8k split (test unless --split), per checkpoint, side by side (issue 14).
 
-    .venv/bin/python bench/bench_grounding.py [--checkpoints default DIR ...] [--n 300] [--write]
+    .venv/bin/python bench/bench_grounding.py [--checkpoints default DIR ...] [--n 300] [--split val] [--write]
 
 Per checkpoint, on the same `n` random test captions (seeded):
 - share of the summed word scores (each word's best cell in its own photo) on punctuation and
   function words, and how often the strongest word is a content word -- "served" (the words the
-  model scores: its `score.word_mask`) and "all words" (every word token, mask or not);
+  model scores, as it scores them: its `score.word_mask` and `score.word_weight`) and "all
+  words" (every word token, unweighted, mask or not);
 - mosaic pointing game: the caption's photo among 3 other test photos in a 2x2 mosaic
   (`encoder.grounding`); accuracy = share of content words whose best cell lies in that photo;
   chance = the photo's share of the grid.
@@ -34,7 +35,6 @@ from encoder.transforms import load_image  # noqa: E402
 def measure(checkpoint: str | None, col, picks, layout: MosaicLayout) -> dict:
     enc = Encoder.from_pretrained(checkpoint, device="cpu")
     model = enc.model
-    masked = model.config.score.word_mask != "none"
     served_share, all_share, served_top, all_top, hits, words = [], [], 0, 0, 0, 0
     for b in range(0, len(picks), 32):
         chunk = picks[b:b + 32]
@@ -46,17 +46,18 @@ def measure(checkpoint: str | None, col, picks, layout: MosaicLayout) -> dict:
             mosaics.append(layout.compose(photos))
         cells = enc.encode_images(own + mosaics)
         tb = enc.text_backbone([p["caption"] for p in chunk])
-        raw = model.text_head(tb)  # every word token, before the word mask
+        raw = model.text_head(tb)  # every word token, before the word mask and weights
+        served_emb = model.content_words(raw, tb.content, tb.ids)  # what MrSw scores
         for j, p in enumerate(chunk):
             m = raw.mask[j]
             content = tb.content[j][m] if tb.content is not None else torch.ones(int(m.sum()), dtype=torch.bool)
             _, sc = word_scores(raw.tokens[j], m, cells.tokens[j], cells.mask[j])
             all_share.append(function_share(sc, content))
             all_top += bool(content[int(sc.argmax())])
-            served = content if masked else torch.ones_like(content)
-            s_sc = sc.masked_fill(~served, float("-inf"))
-            served_share.append(function_share(sc[served], content[served]) if served.any() else 0.0)
-            served_top += bool(served.any()) and bool(content[int(s_sc.argmax())])
+            served = served_emb.mask[j][m]
+            _, s_sc = word_scores(served_emb.tokens[j], m, cells.tokens[j], cells.mask[j])
+            served_share.append(function_share(s_sc[served], content[served]) if served.any() else 0.0)
+            served_top += bool(served.any()) and bool(content[int(s_sc.masked_fill(~served, float("-inf")).argmax())])
             best, _ = word_scores(raw.tokens[j], m, cells.tokens[len(chunk) + j], cells.mask[len(chunk) + j])
             best = best[content]
             hits += pointing_hits(best, layout.cells(p["slot"]))
@@ -73,13 +74,14 @@ def main() -> int:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "flickr8k"))
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", default="test", help="the Flickr8k split the captions and photos come from")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     if not Path(args.data).is_dir():
         print(f"bench_grounding: no collection at {args.data}", file=sys.stderr)
         return 2
     torch.set_num_threads(2)
-    col = load_pairs(args.data, split="test")
+    col = load_pairs(args.data, split=args.split)
     caps_of: dict[int, list[str]] = {}
     for c, i in zip(col.captions, col.caption_image):
         caps_of.setdefault(i, []).append(c)
@@ -107,10 +109,10 @@ def main() -> int:
     print(f"chance (a photo's share of the grid): {chance:.1f} %")
     if args.write:
         cmd = "bench/bench_grounding.py " + " ".join(sys.argv[1:])
-        write_section("Grounding: word scores and mosaic pointing (Flickr8k 1K test)",
+        write_section(f"Grounding: word scores and mosaic pointing (Flickr8k {args.split})",
                       f"Machine: {machine()}; command: `.venv/bin/python {cmd}`.\n"
-                      f"{args.n} random test captions (seed {args.seed}); word shares against the caption's own "
-                      f"photo; pointing over content words in a 2x2 mosaic with 3 other test photos; chance "
+                      f"{args.n} random {args.split} captions (seed {args.seed}); word shares against the caption's "
+                      f"own photo; pointing over content words in a 2x2 mosaic with 3 other {args.split} photos; chance "
                       f"{chance:.1f} %.\n\n{table}")
     return 0
 

@@ -29,7 +29,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from .config import BackboneConfig
 from .transforms import efficientnet_tensor, imagenet_tensor
-from .words import content_table
+from .words import caption_ids, content_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -44,11 +44,17 @@ class TokenBatch:
     side: torch.Tensor | None = None
     # text only: [B, T] bool, True = a content word (not punctuation or a function word)
     content: torch.Tensor | None = None
+    # text only: [B, T] long, the word-piece id of each kept word (0 on padding), what the
+    # checkpoint's word weights are looked up by (`encoder.word_weights`)
+    ids: torch.Tensor | None = None
+    # text only, with `BackboneConfig.token_layer`: [B, T, D] the same words' states at that
+    # layer, which the head's token branch reads instead of `tokens`
+    word_states: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "TokenBatch":
-        return TokenBatch(self.tokens.to(device), self.mask.to(device),
-                          None if self.side is None else self.side.to(device),
-                          None if self.content is None else self.content.to(device))
+        opt = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TokenBatch(self.tokens.to(device), self.mask.to(device), opt(self.side), opt(self.content),
+                          opt(self.ids), opt(self.word_states))
 
 
 @dataclass
@@ -81,6 +87,20 @@ class TextBackbone(nn.Module):
 
     def forward(self, texts: list[str]) -> TokenBatch:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """How many word ids `TokenBatch.ids` can hold (the size of a word-weight table)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no word ids")
+
+    def kept_ids(self, texts: list[str]) -> torch.Tensor:
+        """[M, max_tokens] long: each text's kept word ids as `forward` gives them (0 on padding),
+        without running the network where the tokenizer alone says it."""
+        out = torch.zeros(len(texts), self.max_tokens, dtype=torch.long)
+        for s in range(0, len(texts), 256):
+            ids = self(texts[s:s + 256]).ids
+            out[s:s + len(ids), :ids.shape[1]] = ids.cpu()
+        return out
 
 
 # ---------------------------------------------------------------- image backbones
@@ -304,6 +324,7 @@ class HFText(TextBackbone):
         self.net = getattr(model, "text_model", model).eval().requires_grad_(False)
         self.dim = int(self.net.config.hidden_size)
         self.max_tokens = cfg.max_tokens
+        self.token_layer = cfg.token_layer
 
     def _tokenize(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Model inputs on the backbone's device, and the word mask (attended, not special)."""
@@ -318,10 +339,19 @@ class HFText(TextBackbone):
 
     def forward(self, texts: list[str]) -> TokenBatch:
         enc, words = self._tokenize(texts)
-        h = self.net(**enc).last_hidden_state
-        tb = _compact(h, words, self.max_tokens, self.content[enc["input_ids"]])
+        out = self.net(**enc, output_hidden_states=self.token_layer is not None)
+        h = out.last_hidden_state
+        states = None if self.token_layer is None else out.hidden_states[self.token_layer]
+        tb = _compact(h, words, self.max_tokens, self.content[enc["input_ids"]], enc["input_ids"], states)
         tb.side = sentence_vector(h, enc["attention_mask"])
         return tb
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def kept_ids(self, texts: list[str]) -> torch.Tensor:
+        return caption_ids(self.tokenizer, texts, self.max_tokens)
 
     @property
     def content(self) -> torch.Tensor:
@@ -371,6 +401,10 @@ class TinyText(TextBackbone):
         self.max_tokens = cfg.max_tokens
         self.register_buffer("table", torch.randn(997, self.dim, generator=g))
 
+    @property
+    def vocab_size(self) -> int:
+        return self.table.shape[0]
+
     def forward(self, texts: list[str]) -> TokenBatch:
         ids = [[zlib.crc32(w.encode()) % 997 for w in t.lower().split()][: self.max_tokens] or [0] for t in texts]
         T = max(len(i) for i in ids)
@@ -379,7 +413,7 @@ class TinyText(TextBackbone):
         for r, i in enumerate(ids):
             idx[r, : len(i)] = torch.tensor(i)
             mask[r, : len(i)] = True
-        return TokenBatch(self.table[idx], mask.to(self.table.device))
+        return TokenBatch(self.table[idx], mask.to(self.table.device), ids=idx.to(self.table.device))
 
 
 class TextTop(nn.Module):
@@ -427,16 +461,21 @@ def build_image_top(cfg: BackboneConfig, pretrained: bool = True) -> ImageTop:
     return ImageTop(cls(cfg, pretrained=pretrained), cfg.train_layers)
 
 
-def _compact(h: torch.Tensor, keep: torch.Tensor, max_tokens: int, content: torch.Tensor | None = None) -> TokenBatch:
+def _compact(h: torch.Tensor, keep: torch.Tensor, max_tokens: int, content: torch.Tensor | None = None,
+             ids: torch.Tensor | None = None, states: torch.Tensor | None = None) -> TokenBatch:
     """Move the kept positions of each row to the front, pad the rest, cut to max_tokens.
-    `content` ([B, P] bool, per position) is compacted the same way."""
+    `content` ([B, P] bool), `ids` ([B, P] token ids) and `states` ([B, P, D], another layer's
+    hidden states) are compacted the same way."""
     lengths = keep.sum(1).clamp(min=1)
     T = int(min(max_tokens, int(lengths.max())))
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :T]
     tokens = torch.gather(h, 1, order.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
     mask = torch.arange(T, device=h.device)[None, :] < lengths.clamp(max=T)[:, None]
     words = None if content is None else torch.gather(content, 1, order) & mask
-    return TokenBatch(tokens * mask.unsqueeze(-1), mask, content=words)
+    kept_ids = None if ids is None else torch.gather(ids, 1, order) * mask
+    ws = None if states is None else \
+        torch.gather(states, 1, order.unsqueeze(-1).expand(-1, -1, states.shape[-1])) * mask.unsqueeze(-1)
+    return TokenBatch(tokens * mask.unsqueeze(-1), mask, content=words, ids=kept_ids, word_states=ws)
 
 
 def sentence_vector(h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,22 @@ class BackboneConfig(_Strict):
     image_size: int = 224
     dim: int | None = None  # filled in from the backbone when known; tiny backbones use it
     train_layers: int = Field(0, ge=0)
+    # text, experiment (issue 14): the token branch reads this layer's hidden states (0 = the
+    # input embeddings, n = after layer n) instead of the last layer's, so a word's vector is
+    # more about the word than about the sentence; the pooled global still reads the last layer.
+    # None: the last layer for both. Not combined with train_layers.
+    token_layer: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _check_train_layers(self) -> "BackboneConfig":
+        if self.token_layer is not None:
+            if self.kind not in TRAINABLE_TEXT_KINDS:
+                raise ValueError(f"token_layer is only for the text backbones {TRAINABLE_TEXT_KINDS}, not {self.kind!r}")
+            if self.train_layers:
+                raise ValueError("token_layer cannot be combined with train_layers")
+            n = text_layer_count(self)
+            if n is not None and self.token_layer > n:
+                raise ValueError(f"token_layer={self.token_layer} but the {self.kind} backbone has {n} layers")
         if not self.train_layers:
             return self
         if self.kind == "efficientnet-lite0":
@@ -119,6 +132,10 @@ class ScoreConfig(_Strict):
     # word units that never take part in MrSw or the grounding (see `encoder.words`): "none",
     # or "function" = punctuation and function words (stop list + the tokenizer's punctuation)
     word_mask: Literal["none", "function"] = "none"
+    # a prior weight per word in MrSw and the grounding (see `encoder.word_weights`): "none", or
+    # "idf" = the training captions' inverse document frequency of the word piece, a table the
+    # checkpoint carries
+    word_weight: Literal["none", "idf"] = "none"
     # calibrated confidence of a hit = sigmoid(a * score + b), (a, b) per search mode: the fused
     # score in re-rank mode, the global score in global mode; fitted on validation matches by
     # `encoder calibrate-confidence` (`encoder.confidence`). None: no confidence

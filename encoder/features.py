@@ -41,7 +41,9 @@ class _ImageFiles(Dataset):
 def cache_name(kind: str, cfg: BackboneConfig, items: list[str]) -> str:
     # train_layers = 0 is left out of the key so that caches built before the field existed
     # keep their names (and are reused); any N > 0 gives a different key
-    conf = cfg.model_dump(exclude={"train_layers"} if not cfg.train_layers else None)
+    # (likewise token_layer = None)
+    conf = cfg.model_dump(exclude={k for k, off in (("train_layers", not cfg.train_layers),
+                                                    ("token_layer", cfg.token_layer is None)) if off})
     h = hashlib.sha1(json.dumps([conf, items]).encode()).hexdigest()[:12]
     return f"{kind}-{cfg.kind}-{h}.h5"
 
@@ -93,7 +95,8 @@ def cache_image_tokens(paths: list[Path], backbone: ImageBackbone, out: Path, ba
 
 @torch.no_grad()
 def cache_text_tokens(texts: list[str], backbone: TextBackbone, out: Path, batch_size: int = 256) -> Path:
-    """[M, max_tokens, D] fp16 word states plus lengths; batches sorted by length for speed."""
+    """[M, max_tokens, D] fp16 word states plus lengths; batches sorted by length for speed.
+    With the backbone's `token_layer`, also `word_states`: the same words at that layer."""
     m = len(texts)
     order = np.argsort([len(t) for t in texts], kind="stable")
     with h5py.File(out, "a") as f:
@@ -101,6 +104,9 @@ def cache_text_tokens(texts: list[str], backbone: TextBackbone, out: Path, batch
             f.create_dataset("tokens", (m, backbone.max_tokens, backbone.dim), dtype="f2",
                              chunks=(1, backbone.max_tokens, backbone.dim))
             f.create_dataset("lengths", (m,), dtype="i2")
+            if getattr(backbone, "token_layer", None) is not None:  # the token branch's layer too
+                f.create_dataset("word_states", (m, backbone.max_tokens, backbone.dim), dtype="f2",
+                                 chunks=(1, backbone.max_tokens, backbone.dim))
             f.attrs["done"] = 0
         start = int(f.attrs["done"])
         for b in tqdm(range(start, m, batch_size), desc="text features", unit="batch",
@@ -111,6 +117,9 @@ def cache_text_tokens(texts: list[str], backbone: TextBackbone, out: Path, batch
             block = np.zeros((len(idx), backbone.max_tokens, backbone.dim), dtype=np.float16)
             block[:, :T] = tb.tokens.cpu().numpy()
             f["tokens"][idx] = block
+            if tb.word_states is not None:
+                block[:, :T] = tb.word_states.cpu().numpy()
+                f["word_states"][idx] = block
             f["lengths"][idx] = tb.mask.sum(1).cpu().numpy()
             f.attrs["done"] = b + len(idx)
             f.flush()

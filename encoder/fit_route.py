@@ -66,7 +66,7 @@ def encode_texts_raw(encoder: Encoder, texts: list[str]) -> tuple[Embeddings, to
     """The texts' embeddings without the route (word mask applied) and their unit sentence vectors."""
     def encode(batch: list[str]) -> tuple[Embeddings, torch.Tensor]:
         tb = encoder.text_backbone(batch)
-        return (encoder.model.content_words(encoder.model.text_head(tb), tb.content),
+        return (encoder.model.content_words(encoder.model.text_head(tb), tb.content, tb.ids),
                 F.normalize(tb.side.float(), dim=-1))
     return texts_by_length(texts, encode)
 
@@ -235,7 +235,7 @@ def fit(checkpoint: str | None, data: str, ood: list[str], out: str, workers: in
     fl = sets[0]
     im, cp = composed["flickr8k"]
     score, alpha_table = calibrate_score(im, cp, fl.caption_image, 100, trained.local_reduce)
-    score = score.model_copy(update={"word_mask": trained.word_mask})
+    score = score.model_copy(update={"word_mask": trained.word_mask, "word_weight": trained.word_weight})
     report["alpha_table"] = alpha_table
     ref_2 = {n: b["two_stage"] for n, b in base.items()}
     fused_global = {s.name: rsum(*composed[s.name], s.caption_image, score)["global"] for s in sets}

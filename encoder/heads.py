@@ -131,7 +131,7 @@ class TGDTHead(nn.Module):
     def forward(self, tb: TokenBatch) -> Embeddings:
         x, mask = tb.tokens.float(), tb.mask
         pos = self.positions(x.shape[1]).expand(x.shape[0], -1, -1)
-        if self.training and self.cfg.token_keep < 1.0 and bool(mask.all()):
+        if self.training and self.cfg.token_keep < 1.0 and bool(mask.all()) and tb.word_states is None:
             n = max(1, round(x.shape[1] * self.cfg.token_keep))
             keep = torch.rand(mask.shape, device=x.device).argsort(dim=1)[:, :n].sort(dim=1).values
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
@@ -142,7 +142,10 @@ class TGDTHead(nn.Module):
             keep[torch.arange(mask.shape[0]), mask.float().argmax(1)] = True  # never drop every token
             mask = mask & keep
         pooled = pool_tokens(TokenBatch(x, mask))
-        h = self.proj(self.drop_in(self.norm_in(x))) + pos
+        # the token branch reads another layer's word states when the backbone gives them
+        # (`BackboneConfig.token_layer`); the pooled global keeps the last layer's
+        src = x if tb.word_states is None else tb.word_states.float()
+        h = self.proj(self.drop_in(self.norm_in(src))) + pos
         pad = ~mask
         for layer in self.token_layers:
             h = layer(h, src_key_padding_mask=pad)

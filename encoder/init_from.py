@@ -49,10 +49,14 @@ def load_source(name: str) -> TGDTModel:
 
 def with_word_mask(source: ModelConfig, requested: ModelConfig) -> ModelConfig:
     """The source's architecture, with the training config's word mask when it sets one (a
-    fine-tune may teach the token branch to work on content words only), and without the
-    source's label route: its fusion was fitted to the source's global space and the user's
+    fine-tune may teach the token branch to work on content words only), without the source's
+    word weights (fitted to its training captions) and without the source's label route: its fusion was fitted to the source's global space and the user's
     own captions now define the domain (`encoder fit-route` can add a route again)."""
-    source = source.model_copy(update={"label_route": None})
+    source = source.model_copy(update={"label_route": None, "score": source.score.model_copy(
+        update={"word_weight": "none"})})  # word weights are added back after it (`encoder word-weights`)
+    if requested.text_backbone.token_layer is not None:  # an experiment's token branch input
+        source = source.model_copy(update={"text_backbone": source.text_backbone.model_copy(
+            update={"token_layer": requested.text_backbone.token_layer})})
     if "word_mask" not in requested.score.model_fields_set:
         return source
     return source.model_copy(update={"score": source.score.model_copy(
@@ -70,9 +74,10 @@ def branches_and_towers(source: TGDTModel) -> tuple[TGDTModel, tuple[PooledTower
     """The source split into what the TGDT epochs train (a model without pooled towers,
     holding the source's weights) and its towers (None when it has none)."""
     config = source.config.without_pooled_global().model_copy(update={"label_route": None})
+    config = config.model_copy(update={"score": config.score.model_copy(update={"word_weight": "none"})})
     model = TGDTModel(config, source.image_dim, source.text_dim, source.image_grid, pretrained_tops=False)
     model.load_state_dict({k: v for k, v in source.state_dict().items()
-                           if TOWER_KEY not in k and not k.startswith("label_route.")})
+                           if TOWER_KEY not in k and not k.startswith("label_route.") and k != "word_weight_table"})
     towers = None
     if source.image_head.pooled_global is not None:
         towers = (source.image_head.pooled_global, source.text_head.pooled_global)

@@ -20,6 +20,7 @@ from torch import nn
 from .backbones import HiddenBatch, ImageTop, TextTop, TokenBatch, build_image_top, build_text_top
 from .config import ModelConfig
 from .heads import Embeddings, PooledTower, TGDTHead
+from . import word_weights
 from .label_route import LabelRoute
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default_model"
@@ -33,7 +34,7 @@ class CheckpointError(ValueError):
 
 class TGDTModel(nn.Module):
     def __init__(self, config: ModelConfig, image_dim: int, text_dim: int, image_grid: tuple[int, int],
-                 pretrained_tops: bool = True):
+                 pretrained_tops: bool = True, word_vocab: int = 0):
         super().__init__()
         self.config = config
         self.image_dim, self.text_dim, self.image_grid = image_dim, text_dim, tuple(image_grid)
@@ -54,6 +55,8 @@ class TGDTModel(nn.Module):
         self.image_top: ImageTop | None = build_image_top(image_cfg, pretrained_tops) \
             if image_cfg.train_layers else None
         self.label_route = LabelRoute(config.label_route) if config.label_route is not None else None
+        if config.score.word_weight != "none":  # filled by set_word_weights or the checkpoint
+            self.register_buffer("word_weight_table", torch.ones(word_vocab))
 
     def encode_image_tokens(self, tb: TokenBatch) -> Embeddings:
         """Image head on the full backbone's cells (never runs image_top, as for text), plus
@@ -68,13 +71,28 @@ class TGDTModel(nn.Module):
             raise ValueError(f"this model has a label route: its {kind} backbone must give its side output")
         return self.label_route.extend(emb, self.label_route.route(side, kind), kind)
 
-    def content_words(self, emb: Embeddings, content: torch.Tensor | None) -> Embeddings:
+    def content_words(self, emb: Embeddings, content: torch.Tensor | None, ids: torch.Tensor | None = None) -> Embeddings:
         """Drop function words and punctuation from the caption's tokens when the model's
-        `score.word_mask` says so: they then take no part in MrSw nor in the grounding."""
-        if self.config.score.word_mask == "none" or content is None:
+        `score.word_mask` says so: they then take no part in MrSw nor in the grounding. Then
+        scale each word by its prior weight when `score.word_weight` says so (`ids`: the
+        words' piece ids, see `encoder.word_weights`)."""
+        if self.config.score.word_mask != "none" and content is not None:
+            mask = emb.mask & content[:, :emb.mask.shape[1]].to(emb.mask.device)
+            emb = Embeddings(emb.global_, emb.tokens * mask.unsqueeze(-1).to(emb.tokens.dtype), mask, emb.domain)
+        if self.config.score.word_weight == "none":
             return emb
-        mask = emb.mask & content[:, :emb.mask.shape[1]].to(emb.mask.device)
-        return Embeddings(emb.global_, emb.tokens * mask.unsqueeze(-1).to(emb.tokens.dtype), mask, emb.domain)
+        if ids is None:
+            raise ValueError("this model weights words by their ids (score.word_weight): the text batch has none")
+        return Embeddings(emb.global_, word_weights.apply(emb.tokens, emb.mask, ids, self.word_weight_table),
+                          emb.mask, emb.domain)
+
+    def set_word_weights(self, kind: str, table: torch.Tensor | None) -> None:
+        """Weight words by `table` ([vocab], kind "idf") from now on, or not at all ("none")."""
+        if hasattr(self, "word_weight_table"):
+            del self.word_weight_table
+        if kind != "none":
+            self.register_buffer("word_weight_table", table.detach().float().clone())
+        self.config = self.config.model_copy(update={"score": self.config.score.model_copy(update={"word_weight": kind})})
 
     def image_cells_from_cache(self, tb: TokenBatch) -> TokenBatch:
         """The backbone's cells from cached ones: cached grids go through image_top first when
@@ -89,11 +107,12 @@ class TGDTModel(nn.Module):
         """Text head on the full backbone's word states (never runs text_top: when the model has
         one, the backbone already holds its weights, see `Encoder`), then the word mask and the
         label route."""
-        return self.finish_text(self.text_head(tb), tb.side, tb.content)
+        return self.finish_text(self.text_head(tb), tb.side, tb.content, tb.ids)
 
-    def finish_text(self, emb: Embeddings, side: torch.Tensor | None, content: torch.Tensor | None) -> Embeddings:
-        """After the text head (torch or ONNX): the word mask, then the label route."""
-        return self.with_route(self.content_words(emb, content), side, "text")
+    def finish_text(self, emb: Embeddings, side: torch.Tensor | None, content: torch.Tensor | None,
+                    ids: torch.Tensor | None = None) -> Embeddings:
+        """After the text head (torch or ONNX): the word mask and weights, then the label route."""
+        return self.with_route(self.content_words(emb, content, ids), side, "text")
 
     def text_words_from_cache(self, batch: TokenBatch | HiddenBatch) -> TokenBatch:
         """The backbone's word states from cached ones: word states (frozen backbone) as they
@@ -108,7 +127,9 @@ class TGDTModel(nn.Module):
         """The training path, on cached backbone outputs (see text_words_from_cache), with the
         word mask applied as at inference when the batch carries content flags."""
         emb = self.text_head(self.text_words_from_cache(batch))
-        return self.content_words(emb, batch.content if isinstance(batch, TokenBatch) else None)
+        if not isinstance(batch, TokenBatch):
+            return self.content_words(emb, None)
+        return self.content_words(emb, batch.content, batch.ids)
 
     def attach_label_route(self, route: LabelRoute) -> None:
         """Serve [global ; label route] from now on (see `encoder.fit_route`)."""
@@ -140,8 +161,11 @@ class TGDTModel(nn.Module):
         try:
             doc = json.loads((path / CONFIG).read_text())
             config = ModelConfig.model_validate(doc["model"])
-            model = cls(config, doc["image_dim"], doc["text_dim"], tuple(doc["image_grid"]), pretrained_tops=False)
-            model.load_state_dict(load_file(str(path / WEIGHTS), device=str(map_location)))
+            state = load_file(str(path / WEIGHTS), device=str(map_location))
+            vocab = state["word_weight_table"].numel() if "word_weight_table" in state else 0
+            model = cls(config, doc["image_dim"], doc["text_dim"], tuple(doc["image_grid"]), pretrained_tops=False,
+                        word_vocab=vocab)
+            model.load_state_dict(state)
         except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
         return model.eval().to(map_location)

@@ -38,13 +38,19 @@ class _TextGraph(nn.Module):
 
     def __init__(self, backbone: HFText, head: nn.Module):
         super().__init__()
-        self.net, self.head = backbone.net, head
+        self.net, self.head, self.token_layer = backbone.net, head, backbone.token_layer
 
     def forward(self, input_ids, attention_mask, token_type_ids, order, word_mask):
-        h = self.net(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-        tokens = torch.gather(h, 1, order.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        out = self.net(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                       output_hidden_states=self.token_layer is not None)
+        h = out.last_hidden_state
         mask = word_mask.bool()
-        emb = self.head(TokenBatch(tokens * mask.unsqueeze(-1).to(tokens.dtype), mask))
+
+        def words(states):
+            kept = torch.gather(states, 1, order.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
+            return kept * mask.unsqueeze(-1).to(kept.dtype)
+        ws = None if self.token_layer is None else words(out.hidden_states[self.token_layer])
+        emb = self.head(TokenBatch(words(h), mask, word_states=ws))
         return emb.global_, emb.tokens, sentence_vector(h, attention_mask)
 
 
@@ -95,17 +101,18 @@ class OnnxTextEncoder:
                 "token_type_ids": enc.get("token_type_ids", np.zeros_like(enc["input_ids"])).astype(np.int64),
                 "order": order, "word_mask": word_mask}
 
-    def __call__(self, texts: list[str]) -> tuple[Embeddings, torch.Tensor, torch.Tensor]:
-        """The text head's embeddings, the sentence vectors (the label route's input) and the
-        content-word mask of the kept words, as `HFText.forward` gives them."""
+    def __call__(self, texts: list[str]) -> tuple[Embeddings, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The text head's embeddings, the sentence vectors (the label route's input), the
+        content-word mask and the piece ids of the kept words, as `HFText.forward` gives them."""
         feeds = self._feeds(texts)
         glob, tokens, sentence = self.sessions[feeds["order"].shape[1]].run(None, feeds)
         T = int(feeds["word_mask"].sum(1).max())
         mask = feeds["word_mask"][:, :T].astype(bool)
-        content = self.content[np.take_along_axis(feeds["input_ids"], feeds["order"][:, :T], axis=1)] & mask
+        ids = np.take_along_axis(feeds["input_ids"], feeds["order"][:, :T], axis=1) * mask
+        content = self.content[ids] & mask
         emb = Embeddings(torch.from_numpy(glob), torch.from_numpy(np.ascontiguousarray(tokens[:, :T])),
                          torch.from_numpy(mask))
-        return emb, torch.from_numpy(sentence), torch.from_numpy(content)
+        return emb, torch.from_numpy(sentence), torch.from_numpy(content), torch.from_numpy(ids)
 
 
 def _export(graph: nn.Module, feeds: dict[str, np.ndarray]) -> bytes:

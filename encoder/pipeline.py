@@ -110,8 +110,8 @@ class Encoder:
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> Embeddings:
         if self._onnx_text is not None:
-            emb, side, content = self._onnx_text(list(texts))
-            return self.model.finish_text(emb, side, content)
+            emb, side, content, ids = self._onnx_text(list(texts))
+            return self.model.finish_text(emb, side, content, ids)
         return self.model.encode_text_tokens(self.text_backbone(list(texts)))
 
     @torch.inference_mode()

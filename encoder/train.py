@@ -60,6 +60,7 @@ class Features:
     text_words: torch.Tensor | None = None  # [M, max_tokens + 2] bool
     image_dim: int | None = None  # the backbone's cell width (what the head sees); None = image_tokens' width
     text_content: torch.Tensor | None = None  # [M, max_tokens] bool: content words (model.score.word_mask)
+    text_word_states: torch.Tensor | None = None  # [M, Tt, Dt] the token branch's layer (token_layer)
     image_names: list[str] = field(default_factory=list)  # per image, its path in the collection
 
     @property
@@ -88,7 +89,8 @@ class Features:
         x = self.text_tokens[idx, :T].float()
         mask = torch.arange(T)[None, :] < lengths[:, None]
         content = None if self.text_content is None else self.text_content[idx, :T] & mask
-        return TokenBatch(x, mask, content=content)
+        ws = None if self.text_word_states is None else self.text_word_states[idx, :T].float()
+        return TokenBatch(x, mask, content=content, word_states=ws)
 
 
 def prepare_features(cfg: TrainConfig) -> Features:
@@ -132,6 +134,8 @@ def _with_text(feats: Features, cfg: TrainConfig, captions: list[str], cache: Pa
     if not n:
         feats.text_tokens = torch.from_numpy(tx["tokens"])
         feats.text_lengths = torch.from_numpy(tx["lengths"].astype(np.int64))
+        if tb_cfg.token_layer is not None:
+            feats.text_word_states = torch.from_numpy(tx["word_states"])
         return feats
     feats.text_hidden = torch.from_numpy(tx["hidden"])
     feats.text_attention, feats.text_words = torch.from_numpy(tx["attention"]), torch.from_numpy(tx["words"])

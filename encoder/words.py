@@ -40,17 +40,23 @@ def is_content(piece: str) -> bool:
     return piece.lower() not in FUNCTION_WORDS
 
 
-def caption_content(tokenizer, captions: list[str], max_tokens: int, batch: int = 4096) -> torch.Tensor:
+def caption_content(tokenizer, captions: list[str], max_tokens: int) -> torch.Tensor:
     """[M, max_tokens] bool: for each caption's kept words (as the text backbone compacts them:
     specials dropped, at most max_tokens), whether each is a content word."""
-    table = content_table(tokenizer)
-    out = torch.zeros(len(captions), max_tokens, dtype=torch.bool)
+    ids = caption_ids(tokenizer, captions, max_tokens)
+    return content_table(tokenizer)[ids] & (ids > 0)
+
+
+def caption_ids(tokenizer, captions: list[str], max_tokens: int, batch: int = 4096) -> torch.Tensor:
+    """[M, max_tokens] long: each caption's kept word-piece ids (as the text backbone compacts
+    them: specials dropped, at most max_tokens), 0 on padding."""
+    out = torch.zeros(len(captions), max_tokens, dtype=torch.long)
     for s in range(0, len(captions), batch):
         enc = tokenizer(captions[s:s + batch], truncation=True, max_length=max_tokens + 2,
                         return_special_tokens_mask=True)
         for i, (ids, special) in enumerate(zip(enc["input_ids"], enc["special_tokens_mask"])):
             kept = [t for t, sp in zip(ids, special) if not sp][:max_tokens]
-            out[s + i, :len(kept)] = table[torch.tensor(kept, dtype=torch.long)] if kept else False
+            out[s + i, :len(kept)] = torch.tensor(kept, dtype=torch.long)
     return out
 
 

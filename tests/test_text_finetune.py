@@ -107,14 +107,16 @@ def test_hidden_cache_is_fp16_resumable_and_keyed_apart(backbone, tmp_path):
     # the fp16 cache still reproduces the frozen word states (to fp16 rounding)
     got = TextTop(backbone, 1).eval()(_from_cache(path))
     assert torch.allclose(got.tokens, backbone(CAPTIONS).tokens, atol=2e-2)
-    # cache names: train_layers=0 keeps the pre-existing key (old caches are reused), N > 0 differs
+    # cache names: train_layers=0 and token_layer=None keep the pre-existing key (old caches are
+    # reused: the dump as it was before either field existed), N > 0 or a token layer differs
     frozen = BackboneConfig(kind="minilm")
-    legacy = {k: v for k, v in frozen.model_dump().items() if k != "train_layers"}
+    legacy = {k: v for k, v in frozen.model_dump().items() if k not in ("train_layers", "token_layer")}
     import hashlib
 
     old = f"text-minilm-{hashlib.sha1(json.dumps([legacy, CAPTIONS]).encode()).hexdigest()[:12]}.h5"
     assert cache_name("text", frozen, CAPTIONS) == old
     assert cache_name("text", BackboneConfig(kind="minilm", train_layers=1), CAPTIONS) != old
+    assert cache_name("text", BackboneConfig(kind="minilm", token_layer=2), CAPTIONS) != old
 
 
 def test_finetuned_checkpoint_encodes_raw_captions_like_the_training_path(backbone, tmp_path, monkeypatch, refuse_call):
