@@ -30,7 +30,8 @@ from encoder.data import load_pairs  # noqa: E402
 from encoder.evaluate import encode_collection, evaluate_embeddings  # noqa: E402
 from encoder.heads import Embeddings  # noqa: E402
 from encoder.pipeline import Encoder  # noqa: E402
-from encoder.word_weights import apply, idf_table, refit_fusion  # noqa: E402
+from encoder.fit_word_weights import refit_fusion  # noqa: E402
+from encoder.word_weights import apply, idf_table  # noqa: E402
 from encoder.words import caption_content  # noqa: E402
 
 

@@ -20,6 +20,7 @@ from .confidence import calibrate, platt_text
 from .data import CollectionError, load_pairs
 from .evaluate import encode_collection, evaluate_embeddings, markdown_table
 from .fit_route import fit
+from .fit_word_weights import fit_idf
 from .init_from import checkpoint_errors, checkpoint_path
 from .model import CheckpointError
 from .pipeline import Encoder
@@ -108,9 +109,6 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _word_weights(args: argparse.Namespace) -> int:
-    from .init_from import checkpoint_errors, checkpoint_path
-    from .word_weights import fit_idf
-
     t0 = time.time()
     with checkpoint_errors(checkpoint_path(args.checkpoint or "default")):
         out = fit_idf(None if args.checkpoint in (None, "default") else args.checkpoint, args.data, args.out,
