@@ -27,7 +27,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from common import machine, write_section  # noqa: E402
+from common import machine, side_by_side, write_section  # noqa: E402
 
 RUN = """
 import json, sys, time, torch
@@ -68,20 +68,13 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="eval-ab-"))
     data = tmp / "emb.safetensors"
     embeddings(data)
-    base = tmp / "base"
-    subprocess.run(["git", "worktree", "add", "--detach", str(base), args.base], cwd=ROOT, check=True,
-                   capture_output=True)
-    runs: dict[str, list[dict]] = {"base": [], "this": []}
-    try:
-        for r in range(args.rounds):
-            for name in (("base", "this") if r % 2 == 0 else ("this", "base")):
-                checkout = base if name == "base" else ROOT
-                out = subprocess.run([sys.executable, "-c", RUN, str(data)], cwd=checkout, check=True, text=True,
-                                     capture_output=True, env={**os.environ, "PYTHONPATH": str(checkout)})
-                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(r, name, runs[name][-1], file=sys.stderr)
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True)
+
+    def run(checkout: Path) -> dict:
+        out = subprocess.run([sys.executable, "-c", RUN, str(data)], cwd=checkout, check=True, text=True,
+                             capture_output=True, env={**os.environ, "PYTHONPATH": str(checkout)})
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    runs = side_by_side(args.base, args.rounds, run)
     rows = []
     for mode in ("global", "two_stage"):
         sec = {n: statistics.median(x[mode]["seconds"] for x in v) for n, v in runs.items()}

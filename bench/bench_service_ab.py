@@ -17,7 +17,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import httpx  # noqa: E402
 
 from bench_service import warm, wrk  # noqa: E402
 from bench_service_common import free_port  # noqa: E402
-from common import machine, write_section  # noqa: E402
+from common import machine, side_by_side, write_section  # noqa: E402
 
 
 def serve(checkout: Path, index: Path) -> tuple[subprocess.Popen, str]:
@@ -80,17 +79,7 @@ def main() -> int:
                           check=True).stdout.strip()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
-    tmp = Path(tempfile.mkdtemp(prefix="svc-ab-")) / "base"
-    subprocess.run(["git", "worktree", "add", "--detach", str(tmp), base], cwd=ROOT, check=True,
-                   capture_output=True)
-    try:
-        runs: dict[str, list[dict]] = {"base": [], "this": []}
-        for r in range(args.rounds):
-            for name, checkout in (("base", tmp), ("this", ROOT)) if r % 2 == 0 else (("this", ROOT), ("base", tmp)):
-                runs[name].append(turn(checkout, args.index, args.seconds))
-                print(r, name, runs[name][-1], file=sys.stderr)
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(tmp)], cwd=ROOT, capture_output=True)
+    runs = side_by_side(args.base, args.rounds, lambda checkout: turn(checkout, args.index, args.seconds))
     med = {n: {k: statistics.median(x[k] for x in v) for k in ("p50", "p99", "rps")} for n, v in runs.items()}
     rows = [f"| {n} ({base if n == 'base' else head + ' + working tree'}) | {m['p50']:.2f} | {m['p99']:.2f} | "
             f"{m['rps']:.1f} |" for n, m in med.items()]

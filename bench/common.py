@@ -43,3 +43,24 @@ def write_section(title: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     BENCHMARKS.write_text(text.rstrip("\n") + "\n")
+
+
+def side_by_side(base: str, rounds: int, run) -> dict[str, list]:
+    """`run(checkout)` for a temporary git worktree of `base` and for this checkout, alternating
+    which goes first, `rounds` times (drift on a shared machine hits both alike):
+    {"base": [...], "this": [...]} of what `run` returned."""
+    import subprocess
+    import sys
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="side-by-side-")) / "base"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tmp), base], cwd=ROOT, check=True, capture_output=True)
+    runs: dict[str, list] = {"base": [], "this": []}
+    try:
+        for r in range(rounds):
+            for name in (("base", "this") if r % 2 == 0 else ("this", "base")):
+                runs[name].append(run(tmp if name == "base" else ROOT))
+                print(r, name, runs[name][-1], file=sys.stderr)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tmp)], cwd=ROOT, capture_output=True)
+    return runs
