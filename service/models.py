@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from indexer.results import Hit
+
 from .settings import HARD_MAX_CANDIDATES, HARD_MAX_K, HARD_MAX_QUERY_CHARS
 
 FilterValue = str | int | float | bool
@@ -31,19 +33,13 @@ class SearchOptions(BaseModel):
                                           "than k may come back); hits without a confidence are kept")
 
 
-def confident(hits: list, min_confidence: float | None) -> list:
-    """The hits (Searcher hits or response dicts) at or above `min_confidence`, in their order;
-    a hit without a confidence (image->image, a model without a calibration) is kept."""
+def confident(hits: list[Hit], min_confidence: float | None) -> list[Hit]:
+    """The hits at or above `min_confidence`, in their order; a hit without a confidence
+    (image->image, a model without a calibration) is kept."""
     if min_confidence is None:
         return list(hits)
-
-    def conf(h: Any) -> Any:
-        return h.get("confidence") if isinstance(h, dict) else getattr(h, "confidence", None)
-
-    def keep(c: Any) -> bool:
-        return c is None or not math.isfinite(float(c)) or float(c) >= min_confidence
-
-    return [h for h in hits if keep(conf(h))]
+    return [h for h in hits if h.confidence is None or not math.isfinite(h.confidence)
+            or h.confidence >= min_confidence]
 
 
 class TextSearchRequest(SearchOptions):

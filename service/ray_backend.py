@@ -41,7 +41,8 @@ class ShardServer:
     """What one shard replica runs: a `Searcher` over its slice, tagged with the index version
     it serves (so an ingress can check that one request never mixes versions)."""
 
-    def __init__(self, index_dir: str | Path, version: str, searcher: Any = None, verify: str | None = None):
+    def __init__(self, index_dir: str | Path, version: str, searcher: Searcher | None = None,
+                 verify: str | None = None):
         self.verification = Verification(UNCHECKED)
         if searcher is None:  # checked as the single box checks (`service.integrity`, SERVICE_VERIFY)
             folder = Path(index_dir).resolve()
@@ -54,9 +55,9 @@ class ShardServer:
 
     def describe(self) -> dict[str, Any]:
         s = self.searcher
-        model = (s.info or {}).get("model", {})
+        model = s.info.get("model", {})
         return {"version": self.version, "info": s.info, "metadata_fields": sorted(s.metadata_fields),
-                "checkpoint": getattr(getattr(s, "manifest", None), "checkpoint", None),
+                "checkpoint": s.manifest.checkpoint,
                 "checkpoint_digest": model.get("checkpoint_digest"), "rerank_cost": s.rerank_cost(),
                 "verified": self.verification.state}
 
@@ -97,7 +98,8 @@ class LocalShard:
 class ShardedBackend:
     """`service.contract.SearchBackend` over N shards that all serve index version `version`."""
 
-    def __init__(self, shards: Sequence[Any], encoder: Any, version: str, described: list[dict] | None = None):
+    def __init__(self, shards: Sequence[Any], encoder: Encoder | CoalescingEncoder, version: str,
+                 described: list[dict] | None = None):
         if not shards:
             raise ValueError("a sharded backend needs at least one shard")
         self.shards = list(shards)
@@ -109,8 +111,8 @@ class ShardedBackend:
         self.info = merge_info([d["info"] for d in described])
         self.metadata_fields: set[str] = set.intersection(*(set(d["metadata_fields"]) for d in described))
         self._cost = sum(float(d["rerank_cost"]) for d in described) / self.n  # shards re-rank in parallel
-        grid = getattr(getattr(encoder, "image_backbone", None), "grid", None)
-        self.grid = (int(grid[0]), int(grid[1])) if grid is not None else None
+        grid = encoder.image_backbone.grid
+        self.grid = (int(grid[0]), int(grid[1]))
 
     def describe_all(self) -> list[dict]:
         return self._all("describe")
