@@ -22,7 +22,7 @@ from encoder.confidence import calibration, confidence
 from encoder.config import ScoreConfig
 from encoder.model import CheckpointError, checkpoint_digest
 from encoder.pipeline import Encoder
-from encoder.ranking import Ranked, order, rank, stage_two
+from encoder.ranking import order, stage_two
 from encoder.similarity import local_from_flat, word_alignment
 from encoder.words import is_content
 
@@ -299,15 +299,6 @@ class Searcher(IndexStore):
             self._explain(hits, query, query_kind, kind, words)
         timings["total"] = encode_seconds + time.perf_counter() - t_start
         return SearchResult(hits, timings, int(r.counts[0]))
-
-    def search_batch(self, queries, query_kind: str, target: str, k: int = 10, candidates: int = 100,
-                     mode: str = "rerank", filters: dict | None = None) -> Ranked:
-        """Many encoded queries at once (evaluation, calibration, benchmarks): ranked ids and
-        score parts, the same pipeline `search_embeddings` runs for one."""
-        kind = self._target_kind(query_kind, target, k, candidates, mode)
-        rerank = mode == "rerank" and (query_kind == "text") != (kind == "caption")
-        return rank(self, self.score, queries, query_kind == "text", kind, k, candidates, rerank,
-                    self.allowed(kind, filters))
 
     def _target_kind(self, query_kind: str, target: str, k: int, candidates: int, mode: str) -> str:
         if mode not in MODES:
