@@ -1,20 +1,22 @@
 """Ray Serve (2 shards) against the single-box service on the same synthetic index, side by side.
 
-    .venv/bin/python bench/bench_serve_ray.py [--n 100000] [--real 128] [--seconds 20] [--fail-seconds 60]
+    .venv/bin/python bench/bench_serve_ray.py [--n 1000000] [--rounds 3] [--workdir DIR]
 
 One run: a synthetic index of --n images (the 1M bench's recipe: real Flickr8k seed embeddings
 plus noise, `bench/bench_indexer_1m.py`) written three times in one stream -- whole, and split
 in two by id parity (shard s holds image i = 2 * local + s, so the Ray path's served ids equal
-the whole index's) -- all with FAISS flat: an exact stage one, so both paths must return the
-same answer (an IVF per shard would differ from the whole index's IVF by its approximation,
-not by the merge). Then, with real Flickr8k test captions, K=100 re-rank, k=10:
-1. the single-box service (`service --index whole`, one process) at concurrency 1 (latency) and
-   8 (throughput);
+the whole index's). The shards are built `--faiss-like` the whole index (its trained FAISS
+gallery refilled): they probe the lists the whole index probes, so the exact merge must give
+the whole index's answer with IVF too. Then, with real Flickr8k test captions, K=100 re-rank,
+k=10, the three paths up at once and measured in alternating rounds (latency at concurrency 1,
+throughput at 8):
+1. the single-box service (`service --index whole`, one process);
 2. Ray Serve on a local cluster of this box's cores (2 shards x 1 replica, 0.5 CPU each; the
-   ingress 0.25), the same; answers compared hit by hit (ids and scores);
-3. the failure run: 2 shards x 2 replicas under load at concurrency 4 for --fail-seconds, one
-   shard replica killed every 15 s; requests that did not answer 200, and the memory (RSS) of
-   the Ray processes sampled through it.
+   ingress 0.25) through Serve's HTTP proxy;
+3. the same ingress replica on its own port (direct ingress, no proxy hop);
+answers compared hit by hit (ids and scores). Then the failure run: 2 shards x 2 replicas
+under load at concurrency 4 for --fail-seconds, one shard replica killed every 15 s; requests
+that did not answer 200, and the memory (RSS) of the Ray processes sampled through it.
 Appends the section "Serving: Ray Serve, 2 shards vs one box" to BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -42,14 +44,10 @@ import numpy as np  # noqa: E402
 from indexer_common import FLICKR, checkpoint, machine, write_section  # noqa: E402
 
 SECTION = "Serving: Ray Serve, 2 shards vs one box"
-FAISS_NOTE = {"flat": "exact stage one, so both paths must give the same answer; the scan dominates a query and "
-                      "two shards scan their halves in parallel",
-              "ivf": "each shard's IVF is trained on its half, so answers may differ from the whole index's by the "
-                     "IVF approximation, not by the merge; the scan is small, so the Ray path's fixed costs show"}
 BODY = {"k": 10, "candidates": 100}
 
 
-def build(work: Path, n: int, real: int, ckpt_arg: str | None, faiss: str = "flat") -> tuple[dict[str, Path], str]:
+def build(work: Path, n: int, real: int, ckpt_arg: str | None, faiss: str = "auto") -> tuple[dict[str, Path], str]:
     from encoder.data import load_pairs
     from encoder.evaluate import encode_collection
     from encoder.model import checkpoint_digest
@@ -102,7 +100,10 @@ def build(work: Path, n: int, real: int, ckpt_arg: str | None, faiss: str = "fla
         con.commit()
         con.close()
         cap.truncate({})
-        cfg = BuildConfig(images=str(FLICKR), out=str(work / k), tokens="int8", faiss=faiss, checkpoint=ckpt)
+        # the shards reuse the whole index's trained FAISS (`indexer build --faiss-like`): they
+        # probe the lists the whole index probes, so even IVF answers must be the same
+        cfg = BuildConfig(images=str(FLICKR), out=str(work / k), tokens="int8", faiss=faiss, checkpoint=ckpt,
+                          faiss_like=None if k == "whole" else str(work / "whole"))
         finalize(f, cfg, fake, FLICKR, checkpoint_digest(ckpt), {})
         os.replace(f, work / k)
         for kind in ("image", "caption"):
@@ -227,66 +228,81 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=100_000, help="images in the synthetic index")
     ap.add_argument("--real", type=int, default=128, help="real Flickr8k seed images")
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--seconds", type=float, default=20, help="each throughput window")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the three paths (medians)")
+    ap.add_argument("--seconds", type=float, default=10, help="each throughput window")
     ap.add_argument("--fail-seconds", type=float, default=60)
-    ap.add_argument("--faiss", default="flat", help="flat (exact: answers must match) or ivf (each shard and the "
-                    "whole index approximate on their own)")
+    ap.add_argument("--faiss", default="auto", help="the FAISS kind of the whole index (auto: IVF from 100k); "
+                    "the shards reuse its trained gallery")
     ap.add_argument("--section", default=SECTION)
     ap.add_argument("--checkpoint")
-    ap.add_argument("--workdir")
+    ap.add_argument("--workdir", help="keep the indexes here (and reuse them when they are already built)")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     if not (FLICKR / "pairs.jsonl").is_file():
         print(f"bench_serve_ray: {FLICKR} not found (../shared beside the checkout)", file=sys.stderr)
         return 2
     from encoder.data import load_pairs
+    from indexer.manifest import read_manifest
 
     load0 = os.getloadavg()[0]
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-serve-ray-"))
     t0 = time.perf_counter()
-    idx, label = build(work, a.n, a.real, a.checkpoint, a.faiss)
-    build_s = time.perf_counter() - t0
-    print(f"built 3 indexes in {build_s:.0f} s", flush=True)
+    names = ("whole", "shard0", "shard1")
+    if all((work / k / "manifest.json").is_file() for k in names):
+        idx, label, build_s = {k: work / k for k in names}, f"checkpoint {a.checkpoint or 'default'}", None
+    else:
+        idx, label = build(work, a.n, a.real, a.checkpoint, a.faiss)
+        build_s = time.perf_counter() - t0
+        print(f"built 3 indexes in {build_s:.0f} s", flush=True)
+    gallery = read_manifest(idx["whole"]).faiss["image"]
     queries = load_pairs(FLICKR, split="test").captions[::5][: a.queries]
-    rows = {}
 
-    # 1. the single box
+    # the single box, and Ray Serve (2 shards x 1 replica) with direct ingress on, so the same
+    # ingress replica is reached through Serve's proxy and on its own port
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     box = subprocess.Popen([sys.executable, "-m", "service.cli", "--index", str(idx["whole"]), "--port", str(port)],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url)
-        answers(url, queries[:20])  # warm
-        single_stages: list[dict] = []
-        single, ms = answers(url, queries, single_stages)
-        rows["one box"] = (ms, Load(url, queries, 8).run(a.seconds))
-    finally:
-        box.terminate()
-        box.wait(30)
-
-    # 2. Ray Serve, 2 shards x 1 replica
     import ray
     from ray import serve
 
-    from service.ray_serve import deploy
+    from service.ray_serve import deploy, ingress_targets
 
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
+    ray_port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
     shards = [str(idx["shard0"]), str(idx["shard1"])]
     deploy(shards, "v1", {"replicas": 1, "num_cpus": 0.5}, {"num_cpus": 0.25})
-    wait_ready(url)
-    answers(url, queries[:20])
-    ray_stages: list[dict] = []
-    sharded, ms = answers(url, queries, ray_stages)
-    rows["Ray Serve, 2 shards x 1"] = (ms, Load(url, queries, 8).run(a.seconds))
-    same_ids = sum([i for i, _ in x] == [i for i, _ in y] for x, y in zip(single, sharded))
-    max_diff = max(abs(s1 - s2) for x, y in zip(single, sharded) for (_, s1), (_, s2) in zip(x, y))
+    direct = ingress_targets("127.0.0.1")
+    if not direct:
+        raise SystemExit("bench_serve_ray: the ingress replica has no direct-ingress port")
+    paths = {"one box": f"http://127.0.0.1:{port}", "Ray Serve, 2 shards x 1, via Serve's proxy":
+             f"http://127.0.0.1:{ray_port}", "Ray Serve, 2 shards x 1, direct ingress": direct[0]}
+    lat: dict[str, list[float]] = {p: [] for p in paths}
+    rates: dict[str, list[float]] = {p: [] for p in paths}
+    stages: dict[str, list[dict]] = {p: [] for p in paths}
+    got: dict[str, list] = {}
+    try:
+        for url in paths.values():
+            wait_ready(url)
+            answers(url, queries[:20])  # warm: pages, threads, connections
+        for _ in range(a.rounds):  # alternating, so a change in the box's load hits every path alike
+            for name, url in paths.items():
+                got[name], ms = answers(url, queries, stages[name])
+                lat[name] += ms
+            for name, url in paths.items():
+                rates[name].append(Load(url, queries, 8).run(a.seconds))
+    finally:
+        box.terminate()
+        box.wait(30)
+    base = "one box"
+    compare = {name: (sum([i for i, _ in x] == [i for i, _ in y] for x, y in zip(got[base], got[name])),
+                      max(abs(s1 - s2) for x, y in zip(got[base], got[name]) for (_, s1), (_, s2) in zip(x, y)))
+               for name in paths if name != base}
 
-    # 3. the failure run: 2 x 2, one replica killed every 15 s
+    # the failure run: 2 x 2, one replica killed every 15 s
+    url = paths["Ray Serve, 2 shards x 1, via Serve's proxy"]
     deploy(shards, "v1", {"replicas": 2, "num_cpus": 0.25}, {"num_cpus": 0.25})
     wait_ready(url)
     rss: list[float] = []
@@ -316,35 +332,38 @@ def main(argv: list[str] | None = None) -> int:
     def pct(ms: list[float], p: float) -> float:
         return float(np.percentile(ms, p))
 
-    base_p50, base_rate = pct(rows["one box"][0], 50), rows["one box"][1]
-    table = "\n".join(f"| {name} | {pct(ms, 50):.1f} | {pct(ms, 99):.1f} | {rate:.1f} |"
-                      for name, (ms, rate) in rows.items())
-    ray_p50, ray_rate = pct(rows["Ray Serve, 2 shards x 1"][0], 50), rows["Ray Serve, 2 shards x 1"][1]
+    base_p50, base_rate = pct(lat[base], 50), float(np.median(rates[base]))
+    table = "\n".join(f"| {name} | {pct(lat[name], 50):.1f} | {pct(lat[name], 99):.1f} | "
+                      f"{pct(lat[name], 50) - base_p50:+.1f} | {float(np.median(rates[name])):.1f} | "
+                      f"{float(np.median(rates[name])) / base_rate:.2f}x |" for name in paths)
+    same = "; ".join(f"{name}: **{n}/{len(queries)}** identical (ids in order), largest score difference {d:.2e}"
+                     for name, (n, d) in compare.items())
+    where = "; ".join(f"{name}: {breakdown(stages[name])}" for name in paths)
     lost = sum(v for k, v in load.status.items() if k != "200")
     cmd = "`.venv/bin/python bench/bench_serve_ray.py " + shlex.join(argv if argv is not None else sys.argv[1:]) + "`"
+    built = f"building all three took {build_s:.0f} s" if build_s is not None else "reused from --workdir"
     body = f"""Command: {cmd}
-Machine: {machine()}. One run, both paths on the same box, one after the other.
+Machine: {machine()}. Both paths on the same box at the same time, {a.rounds} alternating rounds.
 Index: {a.n:,} synthetic images ({label}; {a.real} real Flickr8k seeds, the 1M bench's noise recipe), written
-whole and split in two by id parity, FAISS {a.faiss} ({FAISS_NOTE[a.faiss]}), tokens int8; building all three took
-{build_s:.0f} s. Not 1M: three copies of a 1M index (15.5 GB each) and their builds do not fit this task's time on
-this box; flat FAISS over 1M 640-d vectors would also read 2.5 GB per query.
+whole and split in two by id parity (shard s holds image 2 * local + s), tokens int8; FAISS of the whole index
+`{gallery.factory}` (nprobe {gallery.nprobe}); the shards were built `--faiss-like` the whole index (its trained
+gallery refilled), so they probe the same lists and the exact merge must give the whole index's answer; {built}.
 Load average of the box (shared with other jobs): {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.
 Queries: {len(queries)} real Flickr8k test captions, k=10, K=100 re-rank (`candidates: 100`), over HTTP.
 One box: `service --index whole` (one process, default settings). Ray: local cluster `num_cpus=2`, 2 shard
-applications x 1 replica (`num_cpus` 0.5 each) + the ingress (0.25), `service.ray_serve.deploy`.
+applications x 1 replica (`num_cpus` 0.5 each) + the ingress (0.25), `service.ray_serve.deploy`, reached through
+Serve's HTTP proxy and, with `RAY_SERVE_ENABLE_DIRECT_INGRESS=1` (`service-ray run --direct-ingress`), on the
+ingress replica's own port.
 
-| path | p50 ms (c=1) | p99 ms (c=1) | req/s at concurrency 8 |
-|---|---|---|---|
+| path | p50 ms (c=1) | p99 ms (c=1) | p50 overhead ms (target <= 5) | req/s at concurrency 8 | x one box (target >= 0.8) |
+|---|---|---|---|---|---|
 {table}
 
-- Where the time goes at c=1 (median ms): one box: {breakdown(single_stages)}; Ray: {breakdown(ray_stages)}.
-- Answers: **{same_ids}/{len(queries)}** queries with identical hit ids in identical order; largest score difference
-  {max_diff:.2e}.
-- p50 overhead of the Ray path: **{ray_p50 - base_p50:+.1f} ms** (target <= 5 ms); throughput at concurrency 8:
-  **{ray_rate / base_rate:.2f}x** the single box (target >= 0.8x).
-- Failure run: 2 shards x 2 replicas (0.25 CPU each), concurrency 4 for {a.fail_seconds:.0f} s, {len(kills)} shard
-  replicas killed (`ray.kill`, one every 15 s, alternating shards): {sum(load.status.values())} requests
-  ({fail_rate:.1f}/s), **{lost} not answered 200** ({load.status}). RSS of all Ray processes:
+- Where the time goes at c=1 (median ms): {where}.
+- Answers against the one box: {same}.
+- Failure run (through the proxy): 2 shards x 2 replicas (0.25 CPU each), concurrency 4 for {a.fail_seconds:.0f} s,
+  {len(kills)} shard replicas killed (`ray.kill`, one every 15 s, alternating shards): {sum(load.status.values())}
+  requests ({fail_rate:.1f}/s), **{lost} not answered 200** ({load.status}). RSS of all Ray processes:
   {rss[0]:,.0f} MiB at the start, {max(rss):,.0f} MiB peak, {rss[-1]:,.0f} MiB at the end (samples every second).
 """
     print(body)

@@ -35,7 +35,8 @@ from encoder.transforms import ImageError, load_image
 from . import faiss_index, metadata
 from .config import BuildConfig, FaissParams, choose_faiss
 from .inputs import Entry, Source, read_source
-from .manifest import CODEC, FAISS, META, REPORT, Manifest, file_entries, read_manifest, write_manifest
+from .manifest import (CODEC, FAISS, META, REPORT, IndexFormatError, Manifest, file_entries, read_manifest,
+                       write_manifest)
 from .tokenstore import KINDS, RawKind, Segment, TokenCodec, write_segment
 
 SEGMENT0 = "tokens-000.h5"
@@ -323,16 +324,22 @@ def require_images(db: Path, source: Source) -> None:
 
 
 def build_galleries(seg: Segment, dim: int, option: str, nprobe_recall: float | None,
-                    folder: Path) -> dict[str, FaissParams]:
+                    folder: Path, like: Path | None = None) -> dict[str, FaissParams]:
     """One FAISS gallery per kind from a segment's global vectors, saved into `folder`.
 
     IVF galleries get the smallest nprobe whose recall@100 reaches `nprobe_recall`, measured
     with the other modality's vectors as queries (what the service will search with); without
-    them the size rule's nprobe stays.
+    them the size rule's nprobe stays. With `like` (an index directory, `BuildConfig.faiss_like`)
+    each gallery is that index's trained one refilled, with its parameters.
     """
     fparams: dict[str, FaissParams] = {}
+    template = read_manifest(like).faiss if like is not None else None
     for kind in KINDS:
         vec, ids = seg.kinds[kind]["global"], seg.kinds[kind]["ids"]
+        if template is not None:
+            fparams[kind] = template[kind]
+            faiss_index.save(faiss_index.fill_like(like / FAISS[kind], vec, ids), folder / FAISS[kind])
+            continue
         p = choose_faiss(len(ids), dim, option if len(ids) else "flat")
         index = faiss_index.build_index(vec, ids, p)
         other = seg.kinds["caption" if kind == "image" else "image"]["global"]
@@ -360,7 +367,8 @@ def finalize(folder: Path, cfg: BuildConfig, encoder, source_root: Path, checkpo
     raws = {k: RawKind.at(folder, k) for k in KINDS}
     counts = write_segment(folder / SEGMENT0, raws, cfg.tokens, encoder.token_dim, codec.row_bytes, encoder.dim)
     seg = Segment(folder / SEGMENT0)
-    fparams = build_galleries(seg, encoder.dim, cfg.faiss, cfg.nprobe_recall, folder)
+    like = Path(cfg.faiss_like) if cfg.faiss_like else None
+    fparams = build_galleries(seg, encoder.dim, cfg.faiss, cfg.nprobe_recall, folder, like)
     del seg
     con = metadata.connect(folder / META)
     problems = metadata.read_report(con)
@@ -382,10 +390,27 @@ def finalize(folder: Path, cfg: BuildConfig, encoder, source_root: Path, checkpo
         files=file_entries(folder, files),
         build={**summary, "encode_seconds": round(stats.get("encode_seconds", 0.0), 2),
                "captions_file": cfg.captions, "split": cfg.split, "id_field": cfg.id_field, "faiss_option": cfg.faiss,
-               "nprobe_recall": cfg.nprobe_recall},
+               "nprobe_recall": cfg.nprobe_recall, "faiss_like": cfg.faiss_like},
     )
     write_manifest(folder, m)
     return m
+
+
+def check_faiss_like(cfg: BuildConfig, digest: str, dim: int) -> None:
+    """Before any encoding: `faiss_like` must be an index of the same model and width."""
+    if not cfg.faiss_like:
+        return
+    like = Path(cfg.faiss_like)
+    try:
+        m = read_manifest(like)
+    except IndexFormatError as e:
+        raise BuildError(f"--faiss-like {like}: {e}") from None
+    if m.checkpoint_digest != digest or m.dim != dim:
+        raise BuildError(f"--faiss-like {like} was built by another model: its galleries cannot hold this "
+                         "build's vectors")
+    missing = [FAISS[k] for k in KINDS if not (like / FAISS[k]).is_file()]
+    if missing:
+        raise BuildError(f"--faiss-like {like}: {', '.join(missing)} missing")
 
 
 def report_summary(problems: list[dict]) -> dict[str, int]:
@@ -418,6 +443,7 @@ def build(cfg: BuildConfig, encoder=None, on_batch: Callable[[int], None] | None
     source = source_of(cfg)
     encoder = encoder or open_encoder(cfg.checkpoint, cfg.device)
     digest = checkpoint_digest(cfg.checkpoint)
+    check_faiss_like(cfg, digest, encoder.dim)
     part = partial_dir(out)
     sig = _signature(cfg, source, digest)
     sig_file, done_marker = part / "build.signature", part / "FINALIZED"

@@ -33,7 +33,7 @@ def _build_config(args: argparse.Namespace):
                        faiss=args.faiss, tokens=args.tokens, overwrite=args.overwrite, split=args.split,
                        id_field=args.id_field, allow_missing=args.allow_missing, skip_bad_lines=args.skip_bad_lines,
                        batch_size=args.batch_size, workers=args.workers, device=args.device,
-                       progress=not args.quiet)
+                       progress=not args.quiet, faiss_like=args.faiss_like)
 
 
 def _summary(m) -> str:
@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--checkpoint", help="encoder checkpoint folder (default: the packaged default model)")
     b.add_argument("--faiss", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"])
     b.add_argument("--tokens", default="fp16", help="token store form: fp16, fp32, int8, pqM, opqM (e.g. pq32)")
+    b.add_argument("--faiss-like", metavar="INDEX",
+                   help="reuse this index's trained FAISS galleries (same model) instead of training new ones: "
+                        "build every shard of a collection with the same one, so that their merged answer is one "
+                        "index's (service-ray)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     b.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: this process; ray: decode and encode on a Ray cluster, merge into the same format")

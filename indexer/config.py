@@ -100,6 +100,10 @@ class BuildConfig(_Strict):
     # (queries: the other modality's vectors in the index; without them, or with None, the
     # size rule's nprobe stays)
     nprobe_recall: float | None = Field(0.99, gt=0, le=1)
+    # an index directory (same model) whose trained FAISS galleries this build reuses, empty,
+    # with their nprobe, instead of training its own: shards of one collection built like one
+    # index probe the same lists, so their exact merge answers as that index does
+    faiss_like: str | None = None
 
     @field_validator("tokens")
     @classmethod

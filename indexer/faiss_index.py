@@ -62,6 +62,19 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, params: FaissParams, seed:
     return index
 
 
+def fill_like(template_path: Path, vectors: np.ndarray, ids: np.ndarray, add_step: int = 65536):
+    """A copy of a saved gallery's trained structure (coarse quantizer, scalar quantizer, PQ
+    codebooks), emptied, holding `vectors` instead: no training, so two galleries filled from one
+    template partition the same lists."""
+    index = faiss.read_index(str(template_path))
+    if index.d != vectors.shape[1]:
+        raise ValueError(f"{template_path.name} holds {index.d}-d vectors, this build {vectors.shape[1]}-d")
+    index.reset()
+    for s in range(0, len(vectors), add_step):
+        add_vectors(index, vectors[s:s + add_step], ids[s:s + add_step])
+    return index
+
+
 def exact_top(blocks: list[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int,
               step: int = 262_144) -> np.ndarray:
     """Exact inner-product top-k ids of `queries` over (vectors, ids) blocks (memmaps are fine),

@@ -34,20 +34,9 @@ from encoder.backbones import build_image_backbone
 from encoder.model import TGDTModel, checkpoint_digest
 
 from . import metadata
-from .build import (
-    BuildError,
-    _Builder,
-    _Encoded,
-    _Files,
-    codec_ready,
-    finalize,
-    open_encoder,
-    partial_dir,
-    publish,
-    report_inputs,
-    require_images,
-    source_of,
-)
+from .build import (BuildError, _Builder, _Encoded, _Files, check_faiss_like,
+                    codec_ready, finalize, open_encoder, partial_dir, publish,
+                    report_inputs, require_images, source_of)
 from .config import BuildConfig
 from .inputs import Entry, Source
 from .manifest import CODEC, META, read_manifest
@@ -277,8 +266,9 @@ def ray_build(cfg: BuildConfig, rc: RayConfig | None = None, encoder=None) -> An
     if part.exists():
         shutil.rmtree(part)  # shards are cheap to redo; a stale mix would corrupt the merge
     part.mkdir(parents=True)
-    stats = encode_shards(cfg, rc, source, part / SHARDS)
     encoder = encoder or open_encoder(cfg.checkpoint, "cpu")
+    check_faiss_like(cfg, digest, encoder.dim)
+    stats = encode_shards(cfg, rc, source, part / SHARDS)
 
     # merge: the single-machine writer, fed in input order
     con = metadata.connect(part / META)

@@ -267,11 +267,15 @@ class Searcher(IndexStore):
 
     def search_embeddings(self, query, query_kind: str, target: str, k: int = 10, candidates: int = 100,
                           mode: str = "rerank", filters: dict | None = None, explain: bool = False,
-                          words: list[str] | None = None, encode_seconds: float = 0.0) -> SearchResult:
+                          words: list[str] | None = None, encode_seconds: float = 0.0,
+                          hydrate: int | None = None) -> SearchResult:
         """Search from a precomputed single-item `Embeddings` query (`query_kind` "text"/"image").
 
         Image->image has no calibrated local score (the fusion statistics are for caption-image
         pairs), so it ranks by the global score whatever the mode, and its hits carry no confidence.
+        `hydrate`: only the first `hydrate` hits get their item fields (path, caption, metadata);
+        the rest carry ids and scores (`fill` completes them): a shard asked for its whole
+        candidate list returns it cheaply (`service.ray_backend`).
         """
         t_start = time.perf_counter()
         kind = self._target_kind(query_kind, target, k, candidates, mode)
@@ -294,7 +298,8 @@ class Searcher(IndexStore):
         n = int((r.ids[0] >= 0).sum())
         conf = self.confidences(r.score[0, :n], "rerank" if rerank else "global") if cross else None
         part = lambda t: None if t is None else t[0, :n]  # noqa: E731
-        hits = self._hits(kind, r.ids[0, :n], r.score[0, :n], r.global_[0, :n], part(r.local), conf, part(r.label))
+        hits = self._hits(kind, r.ids[0, :n], r.score[0, :n], r.global_[0, :n], part(r.local), conf, part(r.label),
+                          None if explain else hydrate)  # (an explained caption hit needs its text)
         if explain and hits:
             self._explain(hits, query, query_kind, kind, words)
         timings["total"] = encode_seconds + time.perf_counter() - t_start
@@ -316,17 +321,21 @@ class Searcher(IndexStore):
         when the checkpoint has no calibration for it."""
         return confidence(scores, calibration(self.score, mode))
 
-    def _hits(self, kind, ids, final, gscore, local, conf=None, label=None) -> list[Hit]:
-        rows = self._items([int(i) for i in ids]) if len(ids) else {}
-        hits = []
-        for j, i in enumerate(ids):
-            d = rows.get(int(i), {})
-            hits.append(Hit(id=int(i), score=float(final[j]), global_score=float(gscore[j]),
-                            local_score=None if local is None else float(local[j]), kind=kind,
-                            metadata=d.get("metadata", {}), path=d.get("path"), caption=d.get("caption"),
-                            image_id=d.get("image_id"), user_id=d.get("user_id"),
-                            confidence=None if conf is None else float(conf[j]),
-                            label_score=None if label is None else float(label[j])))
+    def _hits(self, kind, ids, final, gscore, local, conf=None, label=None, hydrate: int | None = None) -> list[Hit]:
+        hits = [Hit(id=int(i), score=float(final[j]), global_score=float(gscore[j]),
+                    local_score=None if local is None else float(local[j]), kind=kind,
+                    confidence=None if conf is None else float(conf[j]),
+                    label_score=None if label is None else float(label[j])) for j, i in enumerate(ids)]
+        return self.fill(hits[:hydrate]) + hits[len(hits) if hydrate is None else hydrate:]
+
+    def fill(self, hits: list[Hit]) -> list[Hit]:
+        """`hits` with their item fields (path, caption, metadata, image and user ids) read from
+        the metadata store, in place."""
+        rows = self._items([h.id for h in hits]) if hits else {}
+        for h in hits:
+            d = rows.get(h.id, {})
+            h.metadata, h.path, h.caption = d.get("metadata", {}), d.get("path"), d.get("caption")
+            h.image_id, h.user_id = d.get("image_id"), d.get("user_id")
         return hits
 
     def _items(self, ids: list[int], live_only: bool = False) -> dict[int, dict]:

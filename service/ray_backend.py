@@ -16,6 +16,7 @@ ingress mount the same collection (as they mount the same index storage).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,13 +24,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from encoder.pipeline import Encoder
-from indexer.results import SearchError, SearchResult
+from indexer.results import Hit, SearchError, SearchResult
 from indexer.searcher import Searcher, encode_text_query
 
 from .batching import CoalescingEncoder
 from .engine import NotReady
 from .integrity import FAILED, UNCHECKED, Verification
-from .shard_merge import globalize_item, merge, merge_info, split_id
+from .shard_merge import global_id, globalize_hit, globalize_item, merge, merge_info, split_id
 
 
 class ShardUnavailable(NotReady):
@@ -62,12 +63,16 @@ class ShardServer:
                 "verified": self.verification.state}
 
     def search(self, query: Any, query_kind: str, target: str, k: int, candidates: int, mode: str,
-               filters: dict | None, explain: bool, words: list[str] | None) -> tuple[str, SearchResult]:
+               filters: dict | None, explain: bool, words: list[str] | None,
+               hydrate: int | None = None) -> tuple[str, SearchResult]:
         if self.verification.state == FAILED:  # a token segment failed its background check: not served
             raise ShardUnavailable(f"shard index {self.version} failed verification: "
                                    f"{'; '.join(self.verification.problems)}")
         return self.version, self.searcher.search_embeddings(query, query_kind, target, k, candidates, mode,
-                                                             filters, explain, words)
+                                                             filters, explain, words, hydrate=hydrate)
+
+    def fill(self, hits: list[Hit]) -> list[Hit]:
+        return self.searcher.fill(hits)
 
     def item(self, id: int) -> dict | None:
         return self.searcher.item(id)
@@ -134,15 +139,33 @@ class ShardedBackend:
              filters: dict | None, explain: bool, words: list[str] | None) -> SearchResult:
         encode_s = time.perf_counter() - t0
         depth = max(k, candidates) if mode == "rerank" else k  # every shard returns its whole top-depth
-        answers = self._all("search", emb, query_kind, target, depth, depth, mode, filters, explain, words)
+        # ... with item fields on its first k only (the rest: ids and scores); a merged top-k
+        # hit beyond its shard's first k (rare: the pool's global cut dropped better-fused
+        # hits of that shard) is filled by its shard afterwards
+        answers = self._all("search", emb, query_kind, target, depth, depth, mode, filters, explain, words, k)
         versions = {v for v, _ in answers}
         if versions != {self.version}:  # cannot happen: each backend holds one version's shards
             raise ShardUnavailable(f"shards answered from index versions {sorted(versions)}, expected "
                                    f"{self.version}")
-        result = merge([r for _, r in answers], k, depth)
+        results = [r for _, r in answers]
+        result = merge(results, k, depth)
+        filled = {global_id(s, h.id, self.n) for s, r in enumerate(results) for h in r.hits[:k]}
+        self._fill([(j, h) for j, h in enumerate(result.hits) if h.id not in filled], result.hits)
         result.timings["encode"] = encode_s
         result.timings["total"] = time.perf_counter() - t0
         return result
+
+    def _fill(self, missing: list[tuple[int, Hit]], hits: list[Hit]) -> None:
+        """Fill the item fields of merged hits `missing` ((position, hit)) from their shards."""
+        by_shard: dict[int, list[tuple[int, Hit]]] = {}
+        for j, h in missing:
+            by_shard.setdefault(split_id(h.id, self.n)[0], []).append((j, h))
+        pending = {s: self.shards[s].submit("fill", [dataclasses.replace(h, id=split_id(h.id, self.n)[1],
+                                                                          image_id=None) for _, h in got])
+                   for s, got in by_shard.items()}
+        for s, p in pending.items():
+            for (j, _), h in zip(by_shard[s], p.result()):
+                hits[j] = globalize_hit(h, s, self.n)
 
     # --- items -------------------------------------------------------------------------------------
     def item(self, id: int) -> dict | None:

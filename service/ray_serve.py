@@ -40,12 +40,14 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -308,6 +310,25 @@ def deploy_shards(index_dirs: list[str], version: str, shard_args: dict) -> list
     return names
 
 
+def ingress_targets(host: str | None = None, wait_s: float = 30.0) -> list[str]:
+    """With direct ingress (`RAY_SERVE_ENABLE_DIRECT_INGRESS=1` in the cluster's environment),
+    the URLs at which the ingress replicas serve HTTP themselves: what a load balancer (a
+    Kubernetes Service, HAProxy) points at, one hop fewer than Serve's proxy. Without it, the
+    proxies' URLs. From the Serve controller's target groups (a Ray alpha API). `host`: the
+    HTTP host Serve was started with (a replica listens there; all interfaces: the node's IP)."""
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    end = time.monotonic() + wait_s
+    while True:  # a replica's port is allocated shortly after it starts
+        groups = ray.get(controller.get_target_groups.remote(INGRESS_APP))
+        urls = [f"http://{t.ip if host in (None, '0.0.0.0', '::') else host}:{t.port}" for g in groups
+                if str(getattr(g.protocol, "value", g.protocol)).upper() == "HTTP" for t in g.targets]
+        if urls or time.monotonic() > end:
+            return urls
+        time.sleep(0.5)
+
+
 def deploy(index_dirs: list[str], version: str = "v1", shard_args: dict | None = None,
            ingress_args: dict | None = None) -> None:
     """Shards, then the ingress that serves them."""
@@ -349,6 +370,10 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per shard replica (untested on GPU)")
         c.add_argument("--ingress-replicas", type=int, default=1)
         c.add_argument("--ingress-cpus", type=float, default=0.25)
+        c.add_argument("--direct-ingress", action="store_true",
+                       help="the ingress replicas serve HTTP themselves on ports Serve allocates (printed), no "
+                            "proxy hop (Ray's RAY_SERVE_ENABLE_DIRECT_INGRESS; a cluster started elsewhere needs "
+                            "that variable set when it starts)")
         c.add_argument("--host", default="127.0.0.1")
         c.add_argument("--port", type=int, default=8000)
     return p
@@ -360,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"service-ray: not an index directory: {', '.join(missing)}", file=sys.stderr)
         return 2
-    import ray
-
+    if a.direct_ingress:  # read by the Serve controller and replicas: set before the cluster starts
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ray.init(address=a.address, include_dashboard=False, ignore_reinit_error=True)
     shard_args = {"replicas": a.replicas, "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
@@ -374,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     serve.start(http_options={"host": a.host, "port": a.port})
     deploy(dirs, a.version, shard_args, ingress_args)
-    print(f"service-ray: serving {len(dirs)} shards on http://{a.host}:{a.port}/ (Ctrl-C stops)", file=sys.stderr)
+    urls = ingress_targets(a.host) if a.direct_ingress else [f"http://{a.host}:{a.port}/"]
+    print(f"service-ray: serving {len(dirs)} shards on {', '.join(urls)} (Ctrl-C stops)", file=sys.stderr)
     try:
         while True:
             time.sleep(3600)

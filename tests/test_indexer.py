@@ -466,3 +466,41 @@ def test_pairs_jsonl_reads_the_same_for_the_encoder_and_the_indexer(tmp_path):
                         (lambda: read_source(root, root / "pairs.jsonl"), InputError)):
         with pytest.raises(error, match=r"pairs.jsonl:2: JSON syntax error at column 2"):
             read()
+
+
+def test_faiss_like_reuses_a_trained_gallery_for_a_shard(tiny_collection, tiny_checkpoint, tmp_path, capsys):
+    """Shards built `--faiss-like` one index share its trained lists (and nprobe), so they probe
+    what that index probes; another model's index, or no index, is refused before encoding."""
+    import faiss
+
+    from indexer.cli import main
+
+    whole = tmp_path / "whole"
+    build(cfg(tiny_collection, whole, tiny_checkpoint, faiss="ivf"))
+    rows = [json.loads(line) for line in (tiny_collection / "pairs.jsonl").read_text().splitlines()]
+    (tiny_collection / "half.jsonl").write_text("".join(json.dumps({**r, "split": "ab"[i % 2]}) + "\n"
+                                                        for i, r in enumerate(rows)))
+    half = str(tiny_collection / "half.jsonl")
+    shard = tmp_path / "shard"
+    build(cfg(tiny_collection, shard, tiny_checkpoint, captions=half, split="a", faiss_like=str(whole)))
+    mw, ms = (json.loads((d / "manifest.json").read_text()) for d in (whole, shard))
+    assert ms["counts"]["images"] == 3 and ms["faiss"] == mw["faiss"] and ms["build"]["faiss_like"] == str(whole)
+    for name in ("images.faiss", "captions.faiss"):
+        kept = [faiss.read_index(str(d / name)) for d in (whole, shard)]  # (the extracts point into them)
+        a, b = (faiss.extract_index_ivf(x) for x in kept)
+        assert a.nlist == b.nlist and b.ntotal == 3 * (1 if name == "images.faiss" else 2)
+        qa, qb = (faiss.downcast_index(x.quantizer) for x in (a, b))
+        np.testing.assert_array_equal(qa.reconstruct_n(0, a.nlist), qb.reconstruct_n(0, b.nlist))
+    assert Searcher(shard).search_text("red dog", k=3).hits
+
+    other = tmp_path / "other"
+    shutil.copytree(whole, other)
+    m = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**m, "checkpoint_digest": "0" * 64}))
+    with pytest.raises(BuildError, match="another model"):
+        build(cfg(tiny_collection, tmp_path / "x", tiny_checkpoint, faiss_like=str(other)))
+    assert main(["build", "--images", str(tiny_collection), "--captions", half, "--split", "a",
+                 "--out", str(tmp_path / "y"), "--checkpoint", str(tiny_checkpoint), "--quiet",
+                 "--faiss-like", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--faiss-like" in err and "Traceback" not in err and not (tmp_path / "y").exists()

@@ -35,23 +35,34 @@ def indexes(tmp_path_factory, tiny_checkpoint):
     return build_shard_indexes(tmp_path_factory.mktemp("ray-shards"), tiny_checkpoint, versions=2)
 
 
-@pytest.fixture(scope="module")
-def deployment(indexes):
-    """One local cluster for the module (2 CPUs, the way a 2-core CI box looks), v1 deployed."""
+def local_deployment(indexes, shard_args: dict, direct_ingress: bool = False):
+    """A local cluster (2 CPUs, the way a 2-core CI box looks) serving v1; yields an HTTP client
+    of Serve's proxy. `direct_ingress`: the ingress replicas also serve HTTP themselves
+    (`service-ray run --direct-ingress`)."""
+    monkey = pytest.MonkeyPatch()
+    if direct_ingress:
+        monkey.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")  # the cluster's processes inherit it
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     except Exception as e:  # Ray's raylet must register within a fixed 30 s: an overloaded box cannot
         ray.shutdown()
+        monkey.undo()
         pytest.skip(f"a local Ray node could not start on this machine: {str(e).splitlines()[0]}")
     from service.ray_serve import deploy
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deploy([str(indexes["shard0"]), str(indexes["shard1"])], "v1", SHARD, {"num_cpus": 0.25})
+    deploy([str(indexes["shard0"]), str(indexes["shard1"])], "v1", shard_args, {"num_cpus": 0.25})
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         yield client
     serve.shutdown()
     ray.shutdown()
+    monkey.undo()
+
+
+@pytest.fixture(scope="module")
+def deployment(indexes):
+    yield from local_deployment(indexes, SHARD)
 
 
 @pytest.fixture(scope="module")

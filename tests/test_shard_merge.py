@@ -6,6 +6,7 @@ own. The same backend behind Ray Serve: tests/test_serve_ray.py."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -89,7 +90,7 @@ def clients(indexes):
 
 
 def _key(hit: dict) -> tuple:
-    return (hit["kind"], hit["metadata"].get("n"), hit.get("caption"))
+    return (hit["kind"], hit["metadata"].get("n"), hit.get("caption"), hit.get("path"), hit.get("user_id"))
 
 
 @pytest.mark.parametrize("k,candidates", [(5, 12), (3, 4), (2, 2)])
@@ -127,6 +128,21 @@ def test_image_search_over_shards_equals_single_index(clients, indexes):
     buf = io.BytesIO(indexes["images"][0].read_bytes())
     r = routed.post("/search/image", files={"file": ("x.jpg", buf, "image/jpeg")}, data={"k": "2"})
     assert r.status_code == 200 and len(r.json()["hits"]) == 2
+
+
+def test_hits_beyond_a_shards_first_k_are_filled_by_their_shard(indexes):
+    """Shards return item fields on their first k hits only; any other merged hit gets them
+    from its own shard (served ids, and a caption's image id, as the single index gives)."""
+    backend = sharded(indexes)
+    image = Image.open(indexes["images"][1]).convert("RGB")
+    for full in (backend.search_text(indexes["queries"][0], k=6, candidates=12),
+                 backend.search_image(image, k=6, candidates=12, target="captions")):
+        light = [dataclasses.replace(h, metadata={}, path=None, caption=None, image_id=None, user_id=None)
+                 for h in full.hits]
+        backend._fill(list(enumerate(light))[1::2], light)
+        fields = lambda h: (h.id, h.metadata, h.path, h.caption, h.image_id, h.user_id)  # noqa: E731
+        assert [fields(h) for h in light[1::2]] == [fields(h) for h in full.hits[1::2]]
+        assert all(h.path is None for h in light[0::2])
 
 
 def test_ids_reach_the_owning_shard(clients, indexes):
