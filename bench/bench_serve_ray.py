@@ -148,12 +148,17 @@ def answers(url: str, queries: list[str], stages: list | None = None) -> tuple[l
 
 def breakdown(stages: list[dict]) -> str:
     """Median ms of where a request's time goes: the app's own stages (for the Ray path: encode
-    in the ingress, faiss and rerank of the slowest shard), the rest of the app's request time
-    (Ray: the fan-out's handle calls and merge), and what is outside the app (HTTP server; Ray: the proxy)."""
-    med = {k: float(np.median([s[k] for s in stages])) for k in ("encode", "faiss", "rerank", "request", "wall")}
-    inside = med["request"] - med["encode"] - med["faiss"] - med["rerank"]
-    return (f"encode {med['encode']:.1f}, faiss {med['faiss']:.1f}, rerank {med['rerank']:.1f}, rest of the app's "
-            f"request {inside:.1f}, outside the app {med['wall'] - med['request']:.1f} (wall {med['wall']:.1f})")
+    in the ingress, faiss and rerank of the slowest shard, and the fan-out's wall beyond them:
+    the handle calls, the shards' request handling, the pickled answers), the rest of the app's
+    request time (merge, response), and what is outside the app (HTTP server; Ray: the proxy)."""
+    keys = ("encode", "faiss", "rerank", "request", "wall")
+    med = {k: float(np.median([s[k] for s in stages])) for k in keys}
+    fan = [s["fanout"] for s in stages if s.get("fanout") is not None]
+    work = med["faiss"] + med["rerank"]
+    transport = f", fan-out beyond the shards' faiss + rerank {float(np.median(fan)) - work:.1f}" if fan else ""
+    inside = med["request"] - med["encode"] - (float(np.median(fan)) if fan else work)
+    return (f"encode {med['encode']:.1f}, faiss {med['faiss']:.1f}, rerank {med['rerank']:.1f}{transport}, rest of "
+            f"the app's request {inside:.1f}, outside the app {med['wall'] - med['request']:.1f} (wall {med['wall']:.1f})")
 
 
 class Load:
@@ -197,6 +202,43 @@ class Load:
         for t in self.threads:
             t.join(60)
         return rate
+
+
+def hop_floor(calls: int = 200) -> dict[str, float]:
+    """Median ms of one call that does nothing (a 12 KB bytes argument echoed back), from this
+    driver: to a plain Ray actor, and to a Serve deployment through a deployment handle (what
+    the ingress pays per shard call before any search work)."""
+    import ray
+    from ray import serve
+
+    @ray.remote(num_cpus=0.1)
+    class EchoActor:
+        def echo(self, x: bytes) -> bytes:
+            return x
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1}, logging_config={"enable_access_log": False})
+    class Echo:
+        def echo(self, x: bytes) -> bytes:
+            return x
+
+    actor = EchoActor.remote()
+    serve.run(Echo.bind(), name="echo-floor", route_prefix=None)
+    handle = serve.get_deployment_handle("Echo", app_name="echo-floor")
+    payload = b"x" * 12_000
+    out = {}
+    for name, call in (("Ray actor call", lambda: ray.get(actor.echo.remote(payload))),
+                       ("Serve handle call", lambda: handle.echo.remote(payload).result())):
+        for _ in range(20):
+            call()
+        ms = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            call()
+            ms.append(1000 * (time.perf_counter() - t))
+        out[name] = float(np.median(ms))
+    serve.delete("echo-floor")
+    ray.kill(actor)
+    return out
 
 
 def descendants_rss_mib(root: int) -> float:
@@ -301,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                       max(abs(s1 - s2) for x, y in zip(got[base], got[name]) for (_, s1), (_, s2) in zip(x, y)))
                for name in paths if name != base}
 
+    floor = hop_floor()
+
     # the failure run: 2 x 2, one replica killed every 15 s
     url = paths["Ray Serve, 2 shards x 1, via Serve's proxy"]
     deploy(shards, "v1", {"replicas": 2, "num_cpus": 0.25}, {"num_cpus": 0.25})
@@ -361,6 +405,9 @@ ingress replica's own port.
 
 - Where the time goes at c=1 (median ms): {where}.
 - Answers against the one box: {same}.
+- The floor of one hop on this box (median of 200 calls that do nothing, 12 KB echoed, from the driver while the
+  deployment idles): {"; ".join(f"{k} {v:.2f} ms" for k, v in floor.items())}. The Ray path has at least one
+  Serve handle hop per request (the shards are called in parallel), the proxy path two.
 - Failure run (through the proxy): 2 shards x 2 replicas (0.25 CPU each), concurrency 4 for {a.fail_seconds:.0f} s,
   {len(kills)} shard replicas killed (`ray.kill`, one every 15 s, alternating shards): {sum(load.status.values())}
   requests ({fail_rate:.1f}/s), **{lost} not answered 200** ({load.status}). RSS of all Ray processes:

@@ -99,6 +99,8 @@ class Timings(BaseModel):
     rerank: float = 0.0
     total: float = 0.0
     request: float = 0.0
+    fanout: float | None = Field(None, description="sharded deployments: wall time of the calls to the shards "
+                                                     "(faiss and rerank are the slowest shard's own)")
 
 
 class IndexRef(BaseModel):

@@ -142,7 +142,9 @@ class ShardedBackend:
         # ... with item fields on its first k only (the rest: ids and scores); a merged top-k
         # hit beyond its shard's first k (rare: the pool's global cut dropped better-fused
         # hits of that shard) is filled by its shard afterwards
+        t_fan = time.perf_counter()
         answers = self._all("search", emb, query_kind, target, depth, depth, mode, filters, explain, words, k)
+        fanout = time.perf_counter() - t_fan
         versions = {v for v, _ in answers}
         if versions != {self.version}:  # cannot happen: each backend holds one version's shards
             raise ShardUnavailable(f"shards answered from index versions {sorted(versions)}, expected "
@@ -151,8 +153,7 @@ class ShardedBackend:
         result = merge(results, k, depth)
         filled = {global_id(s, h.id, self.n) for s, r in enumerate(results) for h in r.hits[:k]}
         self._fill([(j, h) for j, h in enumerate(result.hits) if h.id not in filled], result.hits)
-        result.timings["encode"] = encode_s
-        result.timings["total"] = time.perf_counter() - t0
+        result.timings.update(encode=encode_s, fanout=fanout, total=time.perf_counter() - t0)
         return result
 
     def _fill(self, missing: list[tuple[int, Hit]], hits: list[Hit]) -> None:

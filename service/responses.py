@@ -30,7 +30,7 @@ def search_response(engine: Engine, handle: IndexHandle, endpoint: str, opts: Se
         engine.metrics.candidates.observe(used)
     grid = handle.searcher.grid
     hits = [hit_out(h) for h in confident(result.hits, opts.min_confidence)]
-    ms = {k: round(float(v) * 1000.0, 3) for k, v in timings.items() if k in ("encode", "faiss", "rerank", "total")}
+    ms = {k: round(float(v) * 1000.0, 3) for k, v in timings.items() if k in ("encode", "faiss", "rerank", "total", "fanout")}
     ms["request"] = round((time.perf_counter() - t0) * 1000.0, 3)
     body = SearchResponse(hits=hits, mode=opts.mode, k=opts.k, candidates=used, candidates_auto=auto,
                           timings_ms=Timings(**ms), grid=grid, index=index_ref(handle))
