@@ -151,7 +151,8 @@ class ShardedBackend:
                                    f"{self.version}")
         results = [r for _, r in answers]
         result = merge(results, k, depth)
-        filled = {global_id(s, h.id, self.n) for s, r in enumerate(results) for h in r.hits[:k]}
+        filled = {global_id(s, h.id, self.n) for s, r in enumerate(results)
+                  for h in (r.hits if explain else r.hits[:k])}  # (explained hits all come filled)
         self._fill([(j, h) for j, h in enumerate(result.hits) if h.id not in filled], result.hits)
         result.timings.update(encode=encode_s, fanout=fanout, total=time.perf_counter() - t0)
         return result
