@@ -168,7 +168,7 @@ class LabelRouteConfig(_Strict):
     sentence_dim: int = 384
     top_t: int = 10
     temperature: float = 1.0
-    prompt: str = "a photo of a {}"
+    prompt: str = "a photo of a {}"  # `{}`: a lemma of the class; `{definition}`: its WordNet definition
     lemmas: int = 1  # lemmas per class whose prompts are averaged
     text_bank: int = 4096
     image_bank: int = 2048

@@ -7,7 +7,8 @@ per-item weight ramp) and a fused-score config with a per-query re-rank weight:
 1. the route's data: class-name vectors from the text backbone, a bank and a centre per side
    from the training split of `--data`;
 2. every validation collection (`--data` and each `--ood`, split `val`) is encoded once; route
-   variants (top-T, temperature, prompt, lemmas) are compared by the label route alone;
+   variants (top-T, temperature, prompt with or without the class's WordNet definition, lemmas)
+   are compared by the label route alone;
 3. the weight ramp (weight near/far, in-domain thresholds per side) is chosen on global-only
    rsum, summed as gains relative to each set's trained-global rsum, never costing Flickr8k val;
 4. the fused score's statistics and alpha are calibrated on `--data` val (`calibrate_score`),
@@ -170,7 +171,8 @@ def fit(checkpoint: str | None, data: str, ood: list[str], out: str, workers: in
         variants = {}
         vec_cache: dict[tuple, torch.Tensor] = {}
         for prompt, lemmas, top_t, temp in itertools.product(
-                ("a photo of a {}", "a {}", "a picture of a {}"), (1, 3), (5, 10, 20), (1.0, 2.0)):
+                ("a photo of a {}", "a {}", "a picture of a {}", "a {}: {definition}"), (1, 3), (5, 10, 20, 50),
+                (1.0, 2.0, 3.0)):
             cfg = base_cfg.model_copy(update=dict(prompt=prompt, lemmas=lemmas, top_t=top_t, temperature=temp))
             if (prompt, lemmas) not in vec_cache:
                 vec_cache[(prompt, lemmas)] = class_vectors(encoder, cfg)

@@ -41,8 +41,10 @@ def imagenet_classes(path: Path = CLASSES_FILE) -> list[tuple[str, list[str], st
 
 
 def class_prompts(cfg: LabelRouteConfig) -> list[list[str]]:
-    """Per class, the prompts whose sentence embeddings are averaged into its name vector."""
-    return [[cfg.prompt.format(lemma) for lemma in lemmas[:cfg.lemmas]] for _, lemmas, _ in imagenet_classes()]
+    """Per class, the prompts whose sentence embeddings are averaged into its name vector
+    (`{}` is a lemma, `{definition}` the class's WordNet definition)."""
+    return [[cfg.prompt.format(lemma, definition=d) for lemma in lemmas[:cfg.lemmas]]
+            for _, lemmas, d in imagenet_classes()]
 
 
 class LabelRoute(nn.Module):

@@ -173,3 +173,15 @@ def test_index_with_route_serves_label_share_and_content_words(route_checkpoint,
         assert abs(h.global_score - float(gv @ q)) < 1e-4
         assert abs(h.label_score - float(gv[Dt:] @ q[Dt:])) < 1e-4  # the route's columns only
         assert [a["content"] for a in h.alignment] == [is_content(a["word"]) for a in h.alignment]
+
+
+def test_class_prompts_can_carry_the_wordnet_definition():
+    from encoder.config import LabelRouteConfig
+    from encoder.label_route import class_prompts, imagenet_classes
+
+    classes = imagenet_classes()
+    for cfg, first in ((LabelRouteConfig(prompt="a {}: {definition}", lemmas=2),
+                        [f"a {x}: {classes[0][2]}" for x in classes[0][1][:2]]),
+                       (LabelRouteConfig(prompt="a {}", lemmas=1), [f"a {classes[0][1][0]}"])):
+        prompts = class_prompts(cfg)
+        assert len(prompts) == 1000 and prompts[0] == first and classes[0][2]
