@@ -137,3 +137,26 @@ def test_checkpoint_with_a_head_round_trips_and_leaves_the_global_alone(tmp_path
     photos = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (30, 40), (10, 90, 200))]
     pa, pb = plain.encode_images(photos), enc.encode_images(photos)  # the image side is not touched
     assert torch.equal(pa.tokens, pb.tokens) and torch.equal(pa.global_, pb.global_)
+
+
+def test_local_scores_equal_mrsw_and_its_gradient():
+    """The training's MrSw (best cells found without autograd) equals `similarity.mrsw`, value and gradient."""
+    from encoder.similarity import mrsw
+    from encoder.train_rerank import image_to_text_local, text_to_image_local
+
+    torch.manual_seed(0)
+    words = torch.randn(3, 4, 6, requires_grad=True)
+    wm = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    cells = torch.randn(5, 7, 6)
+    cand = torch.tensor([[0, 1], [2, 3], [4, 0]])
+    got = text_to_image_local(words, wm, cells[cand])
+    ref = torch.stack([mrsw(words[i:i + 1], wm[i:i + 1], cells[cand[i]], torch.ones(2, 7, dtype=torch.bool),
+                            "sum")[0] for i in range(3)])
+    assert torch.allclose(got, ref, atol=1e-5)
+    g1, = torch.autograd.grad(got.sum(), words)
+    g2, = torch.autograd.grad(ref.sum(), words)
+    assert torch.allclose(g1, g2, atol=1e-5)
+    # image queries: image 1 against captions 0 and 2
+    back = image_to_text_local(cells[[1]], words[[0, 2]][None], wm[[0, 2]][None])
+    assert torch.allclose(back[0], ref.new_tensor([float(mrsw(words[[0]], wm[[0]], cells[[1]], torch.ones(1, 7, dtype=torch.bool), "sum")),
+                                                   float(mrsw(words[[2]], wm[[2]], cells[[1]], torch.ones(1, 7, dtype=torch.bool), "sum"))]), atol=1e-5)
