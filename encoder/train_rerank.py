@@ -203,7 +203,10 @@ def train_head(cfg: RerankTrainConfig, train: FrozenSplit, score: ScoreConfig, v
                     cfg.k)
     i2t = stage_one(train.images.global_, caps.global_, lambda rows, n: rows[:, None] == ci[None, :n],
                     cfg.k_i2t) if cfg.k_i2t else None
-    log(f"stage-one candidates: {time.time() - t0:.0f} s")
+    first = float((t2i[1].masked_fill(~t2i[2], float("-inf")).amax(1)
+                   >= t2i[1].masked_fill(t2i[2] | ~t2i[3], float("-inf")).amax(1)).float().mean())
+    log(f"stage-one candidates: {time.time() - t0:.0f} s; a caption's photo is stage one's first on "
+        f"{100 * first:.1f} % of the train captions")
     params = list(head.parameters()) + [log_scale]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     M, N = len(ci), len(train.images.global_)
@@ -262,6 +265,7 @@ def train_head(cfg: RerankTrainConfig, train: FrozenSplit, score: ScoreConfig, v
     head.eval()
     summary = {"best_epoch": best[0], "history": history, "seconds": round(time.time() - t0, 1),
                "steps": step, "fitted_score": best[3].model_dump() if len(best) > 3 else None}
+    summary["train_stage_one_first"] = round(100 * first, 2)
     return head, summary
 
 
