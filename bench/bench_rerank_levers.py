@@ -117,6 +117,7 @@ def pointing(mosaic, spec, head, layout: MosaicLayout) -> tuple[float, int]:
     return 100 * hits / max(total, 1), total
 
 
+@torch.no_grad()
 def row(label: str, fl: FrozenSplit, ood: FrozenSplit | None, mask: str, spec, head, mosaic, layout, score, grid,
         k: int) -> dict:
     t0 = time.time()
