@@ -31,6 +31,20 @@ from encoder.pipeline import Encoder  # noqa: E402
 from encoder.transforms import load_image  # noqa: E402
 
 
+def mosaic_picks(col, n: int, seed: int) -> list[dict]:
+    """`n` seeded picks: a photo, one of its captions, 3 other photos and the photo's mosaic slot."""
+    caps_of: dict[int, list[str]] = {}
+    for c, i in zip(col.captions, col.caption_image):
+        caps_of.setdefault(i, []).append(c)
+    rng = random.Random(seed)
+    picks = []
+    for _ in range(n):
+        img = rng.randrange(len(col.images))
+        others = rng.sample([i for i in range(len(col.images)) if i != img], 3)
+        picks.append({"image": img, "caption": rng.choice(caps_of[img]), "others": others, "slot": rng.randrange(4)})
+    return picks
+
+
 @torch.inference_mode()
 def measure(checkpoint: str | None, col, picks, layout: MosaicLayout) -> dict:
     enc = Encoder.from_pretrained(checkpoint, device="cpu")
@@ -46,8 +60,10 @@ def measure(checkpoint: str | None, col, picks, layout: MosaicLayout) -> dict:
             mosaics.append(layout.compose(photos))
         cells = enc.encode_images(own + mosaics)
         tb = enc.text_backbone([p["caption"] for p in chunk])
-        raw = model.text_head(tb)  # every word token, before the word mask and weights
-        served_emb = model.content_words(raw, tb.content, tb.ids)  # what MrSw scores
+        head_out = model.text_head(tb)
+        served_emb = model.content_words(head_out, tb.content, tb.ids)  # what MrSw scores
+        # every word token, before the word mask and weights (after a re-rank head: its words)
+        raw = head_out if model.rerank_head is None else model.rerank_head.text(head_out)
         for j, p in enumerate(chunk):
             m = raw.mask[j]
             content = tb.content[j][m] if tb.content is not None else torch.ones(int(m.sum()), dtype=torch.bool)
@@ -82,15 +98,7 @@ def main() -> int:
         return 2
     torch.set_num_threads(2)
     col = load_pairs(args.data, split=args.split)
-    caps_of: dict[int, list[str]] = {}
-    for c, i in zip(col.captions, col.caption_image):
-        caps_of.setdefault(i, []).append(c)
-    rng = random.Random(args.seed)
-    picks = []
-    for _ in range(args.n):
-        img = rng.randrange(len(col.images))
-        others = rng.sample([i for i in range(len(col.images)) if i != img], 3)
-        picks.append({"image": img, "caption": rng.choice(caps_of[img]), "others": others, "slot": rng.randrange(4)})
+    picks = mosaic_picks(col, args.n, args.seed)
     layout = MosaicLayout()
     rows = []
     for ck in args.checkpoints:

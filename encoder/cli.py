@@ -25,6 +25,7 @@ from .init_from import checkpoint_errors, checkpoint_path
 from .model import CheckpointError
 from .pipeline import Encoder
 from .train import train
+from .train_rerank import RerankTrainConfig, train_rerank
 from .transforms import ImageError
 
 # `encoder train` without --epochs: a fine-tune (--init-from) runs FINETUNE_EPOCHS epochs; a run from
@@ -36,6 +37,7 @@ MIN_STEPS = 100
 INDEX_TEXT_RUNTIME = "onnx"
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.json"
+RERANK_CONFIG = Path(__file__).resolve().parent / "configs" / "rerank.json"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -52,6 +54,18 @@ def _train(args: argparse.Namespace) -> int:
     t0 = time.time()
     ckpt = train(cfg)
     print(f"checkpoint written to {ckpt} in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _train_rerank(args: argparse.Namespace) -> int:
+    cfg = RerankTrainConfig.from_file(args.config)
+    updates = {k: v for k, v in (("out", args.out), ("epochs", args.epochs), ("checkpoint", args.checkpoint),
+                                 ("word_mask", args.word_mask)) if v is not None}
+    cfg = cfg.model_copy(update=updates)
+    t0 = time.time()
+    ckpt = train_rerank(cfg)
+    print(f"checkpoint with the re-rank head written to {ckpt} in {time.time() - t0:.0f} s "
+          f"(log: {Path(cfg.out) / 'train_log.json'})")
     return 0
 
 
@@ -132,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune this checkpoint folder instead of training from scratch ('default': the "
                         "committed default model)")
     t.set_defaults(func=_train)
+    rr = sub.add_parser("train-rerank", help="train a re-rank head on a frozen model's stage-one candidates "
+                                             "(loss on the fused score; the global path is unchanged)")
+    rr.add_argument("--config", default=str(RERANK_CONFIG), help="RerankTrainConfig JSON")
+    rr.add_argument("--checkpoint", help="the frozen model (overrides the config; 'default': the committed one)")
+    rr.add_argument("--out", help="run folder (overrides the config); the checkpoint goes to OUT/checkpoint")
+    rr.add_argument("--epochs", type=int, help="epochs (overrides the config)")
+    rr.add_argument("--word-mask", choices=["none", "function"], help="word mask of the new checkpoint")
+    rr.set_defaults(func=_train_rerank)
     e = sub.add_parser("evaluate", help="R@K, rsum, median rank for global / two-stage / exhaustive search")
     e.add_argument("--checkpoint", help="checkpoint folder (default or 'default': the committed default model)")
     e.add_argument("--data", help="collection folder with images and a pairs JSONL")

@@ -181,6 +181,15 @@ class LabelRouteConfig(_Strict):
     weight_out: float = 1.0
 
 
+class RerankHeadConfig(_Strict):
+    """A re-rank head on the caption's token embeddings, trained on a frozen model
+    (`encoder.rerank_head`, `encoder.train_rerank`): a residual map of the words (linear, or an
+    MLP of `hidden` units) and a learned word weight."""
+
+    word_weight: bool = True
+    hidden: int = Field(0, ge=0)
+
+
 class ModelConfig(_Strict):
     image_backbone: BackboneConfig = Field(default_factory=lambda: BackboneConfig(kind="efficientnet-lite0"))
     text_backbone: BackboneConfig = Field(default_factory=lambda: BackboneConfig(kind="minilm"))
@@ -196,6 +205,8 @@ class ModelConfig(_Strict):
     # the ImageNet-label route appended to the global vectors (None: no route); fitted after
     # training by `encoder fit-route`
     label_route: LabelRouteConfig | None = None
+    # a re-rank head after the TGDT heads' token embeddings (None: none); see encoder.rerank_head
+    rerank_head: RerankHeadConfig | None = None
 
     @property
     def global_dim(self) -> int:

@@ -18,10 +18,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbones import HiddenBatch, ImageTop, TextTop, TokenBatch, build_image_top, build_text_top
-from .config import ModelConfig
+from .config import ModelConfig, RerankHeadConfig
 from .heads import Embeddings, PooledTower, TGDTHead
 from . import word_weights
 from .label_route import LabelRoute
+from .rerank_head import RerankHead
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default_model"
 WEIGHTS = "model.safetensors"
@@ -55,6 +56,8 @@ class TGDTModel(nn.Module):
         self.image_top: ImageTop | None = build_image_top(image_cfg, pretrained_tops) \
             if image_cfg.train_layers else None
         self.label_route = LabelRoute(config.label_route) if config.label_route is not None else None
+        rh = config.rerank_head
+        self.rerank_head = RerankHead(d, rh.word_weight, rh.hidden) if rh is not None else None
         if config.score.word_weight != "none":  # filled by set_word_weights or the checkpoint
             self.register_buffer("word_weight_table", torch.ones(word_vocab))
 
@@ -75,16 +78,17 @@ class TGDTModel(nn.Module):
         """Drop function words and punctuation from the caption's tokens when the model's
         `score.word_mask` says so: they then take no part in MrSw nor in the grounding. Then
         scale each word by its prior weight when `score.word_weight` says so (`ids`: the
-        words' piece ids, see `encoder.word_weights`)."""
+        words' piece ids, see `encoder.word_weights`); last, the re-rank head's text tokens
+        when the model has one (`encoder.rerank_head`)."""
         if self.config.score.word_mask != "none" and content is not None:
             mask = emb.mask & content[:, :emb.mask.shape[1]].to(emb.mask.device)
             emb = Embeddings(emb.global_, emb.tokens * mask.unsqueeze(-1).to(emb.tokens.dtype), mask, emb.domain)
-        if self.config.score.word_weight == "none":
-            return emb
-        if ids is None:
-            raise ValueError("this model weights words by their ids (score.word_weight): the text batch has none")
-        return Embeddings(emb.global_, word_weights.apply(emb.tokens, emb.mask, ids, self.word_weight_table),
-                          emb.mask, emb.domain)
+        if self.config.score.word_weight != "none":
+            if ids is None:
+                raise ValueError("this model weights words by their ids (score.word_weight): the text batch has none")
+            emb = Embeddings(emb.global_, word_weights.apply(emb.tokens, emb.mask, ids, self.word_weight_table),
+                             emb.mask, emb.domain)
+        return emb if self.rerank_head is None else self.rerank_head.text(emb)
 
     def set_word_weights(self, kind: str, table: torch.Tensor | None) -> None:
         """Weight words by `table` ([vocab], kind "idf") from now on, or not at all ("none")."""
@@ -130,6 +134,13 @@ class TGDTModel(nn.Module):
         if not isinstance(batch, TokenBatch):
             return self.content_words(emb, None)
         return self.content_words(emb, batch.content, batch.ids)
+
+    def attach_rerank_head(self, head: RerankHead) -> None:
+        """Re-rank with this head's tokens from now on (see `encoder.train_rerank`)."""
+        self.rerank_head = head
+        hidden = head.text_map[0].out_features if isinstance(head.text_map, nn.Sequential) else 0
+        cfg = RerankHeadConfig(word_weight=head.word_logit is not None, hidden=hidden)
+        self.config = self.config.model_copy(update={"rerank_head": cfg})
 
     def attach_label_route(self, route: LabelRoute) -> None:
         """Serve [global ; label route] from now on (see `encoder.fit_route`)."""
