@@ -230,11 +230,15 @@ class LossConfig(_Strict):
     intra_form: Literal["tgdt", "mse"] = "tgdt"
 
 
-class TrainConfig(_Strict):
+class SplitData(_Strict):
+    """Where a training run reads its pairs and which splits it trains and validates on."""
     data: str = "../shared/data/flickr8k"
     pairs_file: str = "pairs.jsonl"
     train_split: str = "train"
     val_split: str = "val"
+
+
+class TrainConfig(SplitData):
     cache_dir: str = ".cache/features"
     out: str = "runs/default"
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .config import ScoreConfig, _Strict
+from .config import ScoreConfig, SplitData
 from .evaluate import evaluate_embeddings
 from .fit_word_weights import refit_fusion
 from .frozen_cache import FrozenSplit, encode_split
@@ -34,12 +34,8 @@ from .rerank_head import RerankHead
 from .similarity import NEG
 
 
-class RerankTrainConfig(_Strict):
+class RerankTrainConfig(SplitData):
     checkpoint: str = "default"  # the frozen model ("default": encoder/default_model)
-    data: str = "../shared/data/flickr8k"
-    pairs_file: str = "pairs.jsonl"
-    train_split: str = "train"
-    val_split: str = "val"
     cache_dir: str = ".cache/rerank"
     out: str = "runs/rerank"
     word_mask: Literal["none", "function"] = "none"  # the new checkpoint's mask, trained with

@@ -326,7 +326,9 @@ class Searcher(IndexStore):
                     local_score=None if local is None else float(local[j]), kind=kind,
                     confidence=None if conf is None else float(conf[j]),
                     label_score=None if label is None else float(label[j])) for j, i in enumerate(ids)]
-        return self.fill(hits[:hydrate]) + hits[len(hits) if hydrate is None else hydrate:]
+        if hydrate is None:
+            return self.fill(hits)
+        return self.fill(hits[:hydrate]) + hits[hydrate:]
 
     def fill(self, hits: list[Hit]) -> list[Hit]:
         """`hits` with their item fields (path, caption, metadata, image and user ids) read from
